@@ -1,0 +1,350 @@
+//! The HTTP API for terminals: OpenAI-compatible chat completions (JSON and SSE), models,
+//! health, readiness, metrics and the OpenAPI document.
+
+pub mod error;
+pub mod sse;
+
+use crate::config::{Secret, SecretRef};
+use crate::events::metrics as m;
+use crate::events::{EventBus, TurnEvent, TurnOutcome};
+use crate::pipeline::Pipeline;
+use crate::turn::{Origin, Reply, Turn};
+use crate::upstream::pool::Pool;
+use crate::wire::{ChatRequest, ModelEntry, ModelList};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+pub const TURN_ID_HEADER: &str = "x-kotaemon-turn-id";
+/// Clients may pin a turn to one upstream by name.
+pub const UPSTREAM_HEADER: &str = "x-kotaemon-upstream";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub api_keys: Vec<SecretRef>,
+    pub metrics_public: bool,
+    pub max_body_bytes: usize,
+    pub max_concurrent_turns: usize,
+    pub turn_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_keys: Vec::new(),
+            metrics_public: false,
+            max_body_bytes: 4 * 1024 * 1024,
+            max_concurrent_turns: 256,
+            turn_timeout_ms: 300_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn validate(&self, path: &str, p: &mut Vec<String>) {
+        if self.max_body_bytes < 1024 {
+            p.push(format!("{path}.max_body_bytes: must be at least 1024"));
+        }
+        if self.max_concurrent_turns == 0 {
+            p.push(format!("{path}.max_concurrent_turns: must be at least 1"));
+        }
+        if self.turn_timeout_ms == 0 {
+            p.push(format!("{path}.turn_timeout_ms: must be greater than 0"));
+        }
+    }
+}
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pipeline: Pipeline,
+    pub pool: Arc<Pool>,
+    pub bus: EventBus,
+    pub keys: Arc<[Secret]>,
+    pub metrics: PrometheusHandle,
+    pub turn_timeout: Duration,
+    pub turn_slots: Arc<Semaphore>,
+}
+
+pub fn router(state: ApiState, config: &ServerConfig) -> Router {
+    let mut protected = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models));
+    let mut open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi));
+    if config.metrics_public {
+        open = open.route("/metrics", get(metrics));
+    } else {
+        protected = protected.route("/metrics", get(metrics));
+    }
+    let protected =
+        protected.route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(protected)
+        .merge(open)
+        .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(middleware::from_fn(count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/v1/chat/completions") => "/v1/chat/completions",
+        Some("/v1/models") => "/v1/models",
+        Some("/healthz") => "/healthz",
+        Some("/readyz") => "/readyz",
+        Some("/metrics") => "/metrics",
+        Some("/openapi.json") => "/openapi.json",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    m::http_request(route, response.status().as_u16());
+    response
+}
+
+async fn require_key(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if state.keys.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match presented {
+        None => ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+            .into_response(),
+        // Compare against every key, without short-circuit, so timing says nothing.
+        Some(key)
+            if state
+                .keys
+                .iter()
+                .fold(false, |ok, k| ok | k.matches(key.as_bytes())) =>
+        {
+            next.run(request).await
+        }
+        Some(_) => ApiError::unauthorized("invalid API key").into_response(),
+    }
+}
+
+fn parse_chat_request(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, ApiError> {
+    let bytes = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            "request body is larger than the configured server.max_body_bytes",
+        ),
+        _ => ApiError::bad_request(
+            "unreadable_body",
+            format!("could not read the request body: {rejection}"),
+        ),
+    })?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let request: ChatRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("request body is not valid JSON: {inner}"),
+            )
+        } else {
+            ApiError::bad_request("invalid_request", format!("{path}: {inner}")).with_param(path)
+        }
+    })?;
+    request
+        .validate()
+        .map_err(|m| ApiError::bad_request("invalid_request", m))?;
+    Ok(request)
+}
+
+async fn chat_completions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request = match parse_chat_request(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(slot) = state.turn_slots.clone().try_acquire_owned() else {
+        return ApiError::overloaded(Duration::from_secs(1)).into_response();
+    };
+    let stream = request.wants_stream();
+    let include_usage = request.client_wants_usage_in_stream();
+    let mut turn = Turn::new(state.bus.clone(), Origin::Api, request, state.turn_timeout);
+    turn.hints.upstream = headers
+        .get(UPSTREAM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let ctx = turn.ctx.clone();
+    let turn_id = HeaderValue::from_str(ctx.id.as_str()).ok();
+    let mut response = match state.pipeline.run(turn).await {
+        Ok(Reply::Complete(completion)) => {
+            let body = serde_json::to_vec(&completion.body).unwrap_or_default();
+            ctx.emit(TurnEvent::Overhead {
+                turn: ctx.id.clone(),
+                overhead: ctx.started.elapsed().saturating_sub(ctx.upstream_wait()),
+            });
+            ctx.emit(TurnEvent::TurnFinished {
+                turn: ctx.id.clone(),
+                outcome: TurnOutcome::Ok,
+                elapsed: ctx.started.elapsed(),
+                stream,
+            });
+            drop(slot);
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response()
+        }
+        Ok(Reply::Stream(chunks)) => {
+            let sse = sse::encode(
+                chunks,
+                include_usage,
+                sse::StreamTurn::new(ctx.clone(), Some(slot)),
+            );
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(Body::from_stream(sse))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        Err(e) => {
+            let api = ApiError::from(e);
+            if api.status.is_server_error() {
+                tracing::warn!(turn = %ctx.id, status = api.status.as_u16(), code = api.code, "turn failed");
+            } else {
+                tracing::debug!(turn = %ctx.id, status = api.status.as_u16(), code = api.code, "turn refused");
+            }
+            ctx.emit(TurnEvent::TurnFinished {
+                turn: ctx.id.clone(),
+                outcome: TurnOutcome::Failed {
+                    status: api.status.as_u16(),
+                    code: api.code,
+                },
+                elapsed: ctx.started.elapsed(),
+                stream,
+            });
+            api.into_response()
+        }
+    };
+    if let Some(id) = turn_id {
+        response.headers_mut().insert(TURN_ID_HEADER, id);
+    }
+    response
+}
+
+async fn list_models(State(state): State<ApiState>) -> Response {
+    let data = state
+        .pool
+        .models()
+        .into_iter()
+        .map(|(id, upstream)| ModelEntry {
+            id,
+            object: "model".into(),
+            created: 0,
+            owned_by: upstream.to_string(),
+        })
+        .collect();
+    axum::Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+    .into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let upstreams: Vec<_> = state
+        .pool
+        .members()
+        .iter()
+        .map(|mb| {
+            serde_json::json!({
+                "name": mb.name().as_ref(),
+                "healthy": mb.is_healthy(),
+                "breaker": mb.breaker.state().as_str(),
+                "in_flight": mb.inflight(),
+            })
+        })
+        .collect();
+    let ready = state.pool.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"ready": ready, "upstreams": upstreams})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI 3 description of this API, kept beside the routes it describes.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_JSON,
+    )
+        .into_response()
+}

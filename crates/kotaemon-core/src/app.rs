@@ -1,0 +1,204 @@
+//! Assembles the agent from its configuration: event bus, metrics, upstream pool, pipeline,
+//! background tasks, HTTP router. Everything is built and checked here, at start-up, so a bad
+//! config fails `serve` and `doctor` instead of the first request.
+
+use crate::api::{self, ApiState};
+use crate::config::{Config, ConfigError, Secret};
+use crate::events::metrics as m;
+use crate::events::{EventBus, TurnEvent};
+use crate::pipeline::{Pipeline, TurnError};
+use crate::stages::{self, StageDeps};
+use crate::turn::{Origin, Reply, Turn};
+use crate::upstream::breaker::Breaker;
+use crate::upstream::openai::OpenAiUpstream;
+use crate::upstream::pool::{Member, Pool};
+use crate::upstream::{health, Upstream};
+use crate::wire::ChatRequest;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct App {
+    pub config: Config,
+    pub bus: EventBus,
+    pub pool: Arc<Pool>,
+    pub pipeline: Pipeline,
+    keys: Arc<[Secret]>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(m::OVERHEAD.into()), m::OVERHEAD_BUCKETS)
+                .and_then(|b| b.set_buckets(m::LATENCY_BUCKETS));
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed already (an embedding program's).
+            let _ = metrics::set_global_recorder(recorder);
+            m::describe();
+            handle
+        })
+        .clone()
+}
+
+impl App {
+    /// Builds every component, collecting every problem before failing.
+    pub fn build(config: Config) -> Result<App, ConfigError> {
+        Self::build_with_upstreams(config, Vec::new(), None)
+    }
+
+    /// Like [`App::build`]; `extra` upstreams join the pool after the configured ones (tests
+    /// and embedders), `seed` fixes balancing and jitter.
+    pub fn build_with_upstreams(
+        config: Config,
+        extra: Vec<(Arc<dyn Upstream>, u32)>,
+        seed: Option<u64>,
+    ) -> Result<App, ConfigError> {
+        let metrics = metrics_handle();
+        drop(metrics);
+        let mut problems = config.problems();
+        let bus = EventBus::new(1024);
+        let mut members = Vec::new();
+        for (i, u) in config.upstreams.iter().enumerate() {
+            match OpenAiUpstream::new(u, &format!("upstreams[{i}]")) {
+                Ok(up) => {
+                    let name: Arc<str> = u.name.as_str().into();
+                    let breaker = Breaker::new(name, config.pool.breaker.clone(), bus.clone());
+                    members.push(Member::new(
+                        Arc::new(up),
+                        u.weight,
+                        u.models.clone(),
+                        breaker,
+                    ));
+                }
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        for (up, weight) in extra {
+            let breaker = Breaker::new(up.name().clone(), config.pool.breaker.clone(), bus.clone());
+            members.push(Member::new(up, weight, Default::default(), breaker));
+        }
+        let mut keys = Vec::new();
+        for (i, k) in config.server.api_keys.iter().enumerate() {
+            match k.resolve() {
+                Ok(s) => keys.push(s),
+                Err(e) => problems.push(format!("server.api_keys[{i}]: {e}")),
+            }
+        }
+        let pool = Arc::new(Pool::new(members, config.pool.clone(), seed));
+        let pipeline = match stages::build(&config.stages, &StageDeps { pool: pool.clone() }) {
+            Ok(p) => Some(p),
+            Err(mut p) => {
+                problems.append(&mut p);
+                None
+            }
+        };
+        problems.dedup();
+        match pipeline {
+            Some(pipeline) if problems.is_empty() => {
+                for member in pool.members() {
+                    m::record(&TurnEvent::HealthChanged {
+                        upstream: member.name().clone(),
+                        healthy: true,
+                    });
+                }
+                Ok(App {
+                    config,
+                    bus,
+                    pool,
+                    pipeline,
+                    keys: keys.into(),
+                    stop: CancellationToken::new(),
+                    tasks: TaskTracker::new(),
+                })
+            }
+            _ => Err(ConfigError {
+                source_name: None,
+                problems,
+            }),
+        }
+    }
+
+    /// Starts background work (health checks). Stopped by [`App::shutdown`].
+    pub fn start_background(&self) {
+        self.tasks.spawn(health::run(
+            self.pool.clone(),
+            self.bus.clone(),
+            self.stop.clone(),
+        ));
+    }
+
+    pub fn router(&self) -> axum::Router {
+        let state = ApiState {
+            pipeline: self.pipeline.clone(),
+            pool: self.pool.clone(),
+            bus: self.bus.clone(),
+            keys: self.keys.clone(),
+            metrics: metrics_handle(),
+            turn_timeout: Duration::from_millis(self.config.server.turn_timeout_ms),
+            turn_slots: Arc::new(Semaphore::new(self.config.server.max_concurrent_turns)),
+        };
+        api::router(state, &self.config.server)
+    }
+
+    /// Serves the API on a bound listener until `shutdown` resolves; in-flight requests are
+    /// drained, background tasks stopped.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        if self.keys.is_empty() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "!!! listening on a non-loopback address WITHOUT client API keys: anyone who can reach \
+                 this address can use your cloud upstreams. Set server.api_keys. !!!"
+            );
+        }
+        self.start_background();
+        let router = self.router();
+        tracing::info!(%addr, stages = ?self.pipeline.stage_names(), upstreams = self.pool.members().len(), "kotaemon is listening");
+        // TCP_NODELAY on every accepted socket: without it small SSE events and responses on
+        // kept-alive connections wait for delayed ACKs (~40 ms).
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        self.shutdown().await;
+        result
+    }
+
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Runs one turn in-process (CLI `ask` and `chat`).
+    pub async fn run_turn(&self, origin: Origin, request: ChatRequest) -> Result<Reply, TurnError> {
+        let turn = Turn::new(
+            self.bus.clone(),
+            origin,
+            request,
+            Duration::from_millis(self.config.server.turn_timeout_ms),
+        );
+        self.pipeline.run(turn).await
+    }
+}

@@ -1,0 +1,18 @@
+//! Kotaemon core: the turn pipeline of an edge AI agent and its OpenAI-compatible API.
+//!
+//! Data flows one way: a source (HTTP API, CLI) makes a [`turn::Turn`], the
+//! [`pipeline::Pipeline`] of stages turns it into a [`turn::Reply`], a sink renders it.
+//! See ARCHITECTURE.md for the map and the invariants.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod events;
+pub mod pipeline;
+pub mod stages;
+pub mod turn;
+pub mod upstream;
+pub mod wire;
+
+pub use app::App;
+pub use config::Config;

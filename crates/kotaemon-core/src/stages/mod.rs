@@ -1,0 +1,40 @@
+//! Pipeline stages, one module each, listed here in the canonical order. Config enables and
+//! configures stages; it cannot reorder them. Later stages (PII guard, rules, cache, router,
+//! tool loop, voice reply) slot into `build` at their place in the order.
+
+pub mod llm;
+pub mod system_prompt;
+
+use crate::pipeline::{Pipeline, Stage};
+use crate::upstream::pool::Pool;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagesConfig {
+    pub system_prompt: system_prompt::SystemPromptConfig,
+}
+
+impl StagesConfig {
+    pub fn validate(&self, path: &str, p: &mut Vec<String>) {
+        self.system_prompt
+            .validate(&format!("{path}.system_prompt"), p);
+    }
+}
+
+/// What stages may be built from, besides their own config.
+pub struct StageDeps {
+    pub pool: Arc<Pool>,
+}
+
+/// Builds the pipeline in canonical order; every problem is reported with its key path.
+pub fn build(config: &StagesConfig, deps: &StageDeps) -> Result<Pipeline, Vec<String>> {
+    let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
+    if let Some(s) = system_prompt::SystemPrompt::new(&config.system_prompt)? {
+        stages.push(Arc::new(s));
+    }
+    // Innermost: the model (cloud pool; local fallback and the tool loop arrive here later).
+    stages.push(Arc::new(llm::Llm::new(deps.pool.clone())));
+    Ok(Pipeline::new(stages))
+}

@@ -1,0 +1,146 @@
+//! A turn: one unit of work through the pipeline. Sources (API, CLI, voice, MQTT) make turns,
+//! the pipeline makes a [`Reply`], sinks render it (JSON, SSE, terminal, speech).
+
+use crate::events::{EventBus, TurnEvent};
+use crate::upstream::StreamError;
+use crate::wire::{ChatRequest, Chunk, Completion};
+use futures::stream::BoxStream;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// Unique per turn; returned to the client in the `x-kotaemon-turn-id` header.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TurnId(Arc<str>);
+
+impl TurnId {
+    pub fn new() -> Self {
+        TurnId(uuid::Uuid::new_v4().simple().to_string().into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TurnId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TurnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TurnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TurnId({})", self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Api,
+    Cli,
+}
+
+/// An absolute point in time every await of the turn respects. `tokio::time::Instant`, so
+/// tests on a paused clock control it.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    pub fn after(d: std::time::Duration) -> Self {
+        Deadline(Instant::now() + d)
+    }
+    pub fn remaining(&self) -> std::time::Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+    pub fn passed(&self) -> bool {
+        self.remaining().is_zero()
+    }
+}
+
+/// Stamps the turn id on every event.
+#[derive(Clone)]
+pub struct TurnCtx {
+    pub id: TurnId,
+    pub bus: EventBus,
+    pub started: Instant,
+    /// Time spent waiting for the upstream that answered (whole call, or to commit for
+    /// streams): the rest of the turn's time is the gateway's overhead.
+    upstream_wait_ns: Arc<AtomicU64>,
+}
+
+impl TurnCtx {
+    pub fn new(bus: EventBus) -> Self {
+        TurnCtx {
+            id: TurnId::new(),
+            bus,
+            started: Instant::now(),
+            upstream_wait_ns: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    pub fn emit(&self, event: TurnEvent) {
+        self.bus.emit(event);
+    }
+    pub fn add_upstream_wait(&self, d: std::time::Duration) {
+        self.upstream_wait_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+    pub fn upstream_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.upstream_wait_ns.load(Ordering::Relaxed))
+    }
+}
+
+/// Routing requests from the client (header `x-kotaemon-upstream`).
+#[derive(Debug, Clone, Default)]
+pub struct RouteHints {
+    pub upstream: Option<String>,
+}
+
+pub struct Turn {
+    pub ctx: TurnCtx,
+    pub origin: Origin,
+    pub request: ChatRequest,
+    pub deadline: Deadline,
+    pub hints: RouteHints,
+}
+
+impl Turn {
+    pub fn new(
+        bus: EventBus,
+        origin: Origin,
+        request: ChatRequest,
+        timeout: std::time::Duration,
+    ) -> Self {
+        let ctx = TurnCtx::new(bus);
+        ctx.emit(TurnEvent::TurnStarted {
+            turn: ctx.id.clone(),
+            origin,
+            stream: request.wants_stream(),
+        });
+        Turn {
+            ctx,
+            origin,
+            request,
+            deadline: Deadline::after(timeout),
+            hints: RouteHints::default(),
+        }
+    }
+    pub fn id(&self) -> &TurnId {
+        &self.ctx.id
+    }
+}
+
+/// A committed stream of chunks. An `Err` item ends it: it happened after the commit point,
+/// so it is never retried; sinks turn it into an explicit error event, not a silent end.
+pub type ChunkStream = BoxStream<'static, Result<Chunk, StreamError>>;
+
+pub enum Reply {
+    Complete(Completion),
+    Stream(ChunkStream),
+}

@@ -1,0 +1,351 @@
+//! OpenAI chat-completions JSON shapes, spoken both to terminals (`api/`) and to
+//! OpenAI-compatible upstreams (`upstream/openai.rs`). This is the only module that knows
+//! field names of the wire format; everything else goes through these types.
+//!
+//! Requests are parsed into typed fields where Kotaemon needs them and keep every other field
+//! in `extra`, so options we do not know (`logprobs`, `seed`, vendor extensions…) reach the
+//! upstream untouched. Responses stay JSON values with typed accessors: we relay what the
+//! upstream said, including `tool_calls` and fields newer than this code.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Client-side tools: passed through untouched; the client runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Function,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<MessageContent>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatMessage {
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        ChatMessage {
+            role,
+            content: Some(MessageContent::Text(text.into())),
+            extra: Map::new(),
+        }
+    }
+}
+
+/// A message's content: a plain string or a list of typed parts (text, image_url, …).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<Map<String, Value>>),
+}
+
+impl ChatRequest {
+    pub fn wants_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub fn client_wants_usage_in_stream(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// Checks the schema rules serde cannot express. Returns a message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model.trim().is_empty() {
+            return Err("`model` must not be empty".into());
+        }
+        if self.messages.is_empty() {
+            return Err("`messages` must contain at least one message".into());
+        }
+        if let Some(tools) = &self.tools {
+            for (i, tool) in tools.iter().enumerate() {
+                if !tool.is_object() {
+                    return Err(format!("`tools[{i}]` must be an object"));
+                }
+            }
+        }
+        if self.stream_options.is_some() && !self.wants_stream() {
+            return Err("`stream_options` is only allowed when `stream` is true".into());
+        }
+        Ok(())
+    }
+
+    /// The body sent upstream: the same request with the upstream's model name. Streams always
+    /// ask for usage (we account tokens); the API strips it again if the client did not ask.
+    pub fn to_upstream_body(
+        &self,
+        model: &str,
+        stream: bool,
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        #[derive(Serialize)]
+        struct Outgoing<'a> {
+            model: &'a str,
+            messages: &'a [ChatMessage],
+            stream: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            stream_options: Option<StreamOptions>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tools: Option<&'a Vec<Value>>,
+            #[serde(flatten)]
+            extra: &'a Map<String, Value>,
+        }
+        let stream_options = stream.then(|| {
+            let mut o = self.stream_options.clone().unwrap_or_default();
+            o.include_usage = Some(true);
+            o
+        });
+        serde_json::to_vec(&Outgoing {
+            model,
+            messages: &self.messages,
+            stream,
+            stream_options,
+            tools: self.tools.as_ref(),
+            extra: &self.extra,
+        })
+    }
+
+    /// Rough prompt size in characters, for accounting and routing signals.
+    pub fn prompt_chars(&self) -> usize {
+        self.messages
+            .iter()
+            .map(|m| match &m.content {
+                Some(MessageContent::Text(t)) => t.chars().count(),
+                Some(MessageContent::Parts(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .map(|t| t.chars().count())
+                    .sum(),
+                None => 0,
+            })
+            .sum()
+    }
+}
+
+/// Token counts as reported by an upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+fn usage_of(body: &Value) -> Option<Usage> {
+    body.get("usage")
+        .filter(|u| !u.is_null())
+        .and_then(|u| serde_json::from_value(u.clone()).ok())
+}
+
+/// A complete, non-streamed chat completion, relayed as the upstream sent it.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub body: Value,
+}
+
+impl Completion {
+    /// Checks the minimal shape every OpenAI-compatible answer has; anything else is an
+    /// upstream fault, not something to hand to a client as success.
+    pub fn from_body(body: Value) -> Result<Self, String> {
+        match body.get("choices") {
+            Some(Value::Array(_)) => Ok(Completion { body }),
+            _ => Err("completion has no `choices` array".into()),
+        }
+    }
+    pub fn usage(&self) -> Option<Usage> {
+        usage_of(&self.body)
+    }
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.body
+            .pointer("/choices/0/finish_reason")
+            .and_then(Value::as_str)
+    }
+    pub fn content(&self) -> Option<&str> {
+        self.body
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+    }
+}
+
+/// One `chat.completion.chunk` of a stream.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub body: Value,
+}
+
+impl Chunk {
+    pub fn from_body(body: Value) -> Result<Self, String> {
+        if !body.is_object() {
+            return Err("stream chunk is not a JSON object".into());
+        }
+        Ok(Chunk { body })
+    }
+    pub fn usage(&self) -> Option<Usage> {
+        usage_of(&self.body)
+    }
+    /// The trailing chunk that `stream_options.include_usage` adds: usage and no choices.
+    pub fn is_usage_only(&self) -> bool {
+        self.body
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.is_empty())
+            && self.usage().is_some()
+    }
+    pub fn strip_usage(&mut self) {
+        if let Some(obj) = self.body.as_object_mut() {
+            obj.remove("usage");
+        }
+    }
+    pub fn content_delta(&self) -> Option<&str> {
+        self.body
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+    }
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.body
+            .pointer("/choices/0/finish_reason")
+            .and_then(Value::as_str)
+    }
+}
+
+/// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(message: impl Into<String>, kind: &str, code: &str) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                message: message.into(),
+                kind: kind.to_string(),
+                param: None,
+                code: Some(code.to_string()),
+            },
+        }
+    }
+}
+
+/// `GET /v1/models` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub id: String,
+    #[serde(default = "model_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub owned_by: String,
+}
+
+fn model_object() -> String {
+    "model".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_request_fields_survive_a_round_trip() {
+        let raw = json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi", "name": "bob"}],
+            "seed": 7, "logprobs": true, "vendor_x": {"a": 1},
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        });
+        let req: ChatRequest = serde_json::from_value(raw.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&req).unwrap(), raw);
+    }
+
+    #[test]
+    fn upstream_body_maps_model_and_asks_for_usage() {
+        let req: ChatRequest = serde_json::from_value(json!({
+            "model": "client-name", "messages": [{"role": "user", "content": "hi"}],
+            "stream": true, "seed": 1
+        }))
+        .unwrap();
+        let body: Value =
+            serde_json::from_slice(&req.to_upstream_body("Qwen/Qwen2.5", true).unwrap()).unwrap();
+        assert_eq!(body["model"], "Qwen/Qwen2.5");
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["seed"], 1);
+        let body: Value =
+            serde_json::from_slice(&req.to_upstream_body("x", false).unwrap()).unwrap();
+        assert_eq!(body["stream"], false);
+        assert!(body.get("stream_options").is_none());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let req: ChatRequest =
+            serde_json::from_value(json!({"model": "m", "messages": []})).unwrap();
+        assert!(req.validate().unwrap_err().contains("messages"));
+        let bad = serde_json::from_value::<ChatRequest>(
+            json!({"model": "m", "messages": [{"role": "robot"}]}),
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn usage_only_chunk_is_recognised() {
+        let c = Chunk::from_body(json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})).unwrap();
+        assert!(c.is_usage_only());
+        assert_eq!(c.usage().unwrap().completion_tokens, 4);
+        let c = Chunk::from_body(json!({"choices": [{"delta": {"content": "x"}}]})).unwrap();
+        assert!(!c.is_usage_only());
+        assert_eq!(c.content_delta(), Some("x"));
+    }
+}

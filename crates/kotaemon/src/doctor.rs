@@ -1,0 +1,113 @@
+//! `kotaemon doctor`: checks config, secrets, file permissions and every upstream, and says
+//! what to fix. Secret values are never printed; only where they come from.
+
+use kotaemon_core::config::SecretRef;
+use kotaemon_core::{App, Config};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub async fn run(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    let source = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "embedded defaults".into());
+    println!("config: {source}");
+    if let Some(p) = path {
+        match std::fs::metadata(p) {
+            Ok(meta) if meta.permissions().mode() & 0o002 != 0 => {
+                println!("  WARN  {} is world-writable: anyone on the device can redirect your traffic (chmod o-w)", p.display());
+            }
+            Ok(_) => println!("  ok    file permissions"),
+            Err(e) => {
+                println!("  FAIL  cannot read {}: {e}", p.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("  FAIL  {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("  ok    configuration is valid");
+    for r in secret_refs(&config) {
+        if let SecretRef::File(file) = &r {
+            if let Ok(meta) = std::fs::metadata(file) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    println!(
+                        "  WARN  secret file {} is readable by others (chmod 600)",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+    let app = match App::build(config) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("  FAIL  {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!(
+        "  ok    secrets resolve, pipeline builds: {}",
+        app.pipeline.stage_names().join(" -> ")
+    );
+    if app.config.server.api_keys.is_empty() && !app.config.server.listen.ip().is_loopback() {
+        println!(
+            "  WARN  server.listen is {} but no api_keys are set: the API is open to the network",
+            app.config.server.listen
+        );
+    }
+    println!("upstreams:");
+    let probes = app.pool.members().iter().map(|m| async move {
+        (
+            m.name().clone(),
+            m.upstream.probe(Duration::from_secs(5)).await,
+        )
+    });
+    for (name, result) in futures::future::join_all(probes).await {
+        match result {
+            Ok(p) => {
+                let shown: Vec<_> = p.models.iter().take(8).cloned().collect();
+                let more = p.models.len().saturating_sub(shown.len());
+                let models = if more > 0 {
+                    format!("{} (+{more} more)", shown.join(", "))
+                } else {
+                    shown.join(", ")
+                };
+                println!(
+                    "  ok    {name}: reachable in {:.1} ms; models: {}",
+                    p.latency.as_secs_f64() * 1000.0,
+                    if models.is_empty() {
+                        "(none listed)".into()
+                    } else {
+                        models
+                    }
+                );
+            }
+            Err(e) => {
+                failed = true;
+                println!("  FAIL  {name}: {} [{}]", e, e.code());
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn secret_refs(config: &Config) -> Vec<SecretRef> {
+    let mut refs: Vec<SecretRef> = config.server.api_keys.clone();
+    for u in &config.upstreams {
+        refs.extend(u.api_key.clone());
+        refs.extend(u.oauth2.as_ref().map(|o| o.client_secret.clone()));
+    }
+    refs
+}

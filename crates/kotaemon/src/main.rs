@@ -1,0 +1,200 @@
+//! `kotaemon`: the edge agent's command line. `println!` lives here and nowhere else.
+
+mod bench;
+mod cli_turn;
+mod doctor;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kotaemon_core::config::{LogFormat, DEFAULT_TOML};
+use kotaemon_core::{App, Config};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kotaemon",
+    version,
+    about = "Edge AI agent: fast path local, heavy thinking in the cloud"
+)]
+struct Cli {
+    /// Configuration file (TOML). Without one, the embedded defaults are used.
+    #[arg(long, short, global = true, env = "KOTAEMON_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent's OpenAI-compatible API.
+    Serve {
+        /// Overrides server.listen.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Ask one question; the answer streams to the terminal.
+    Ask {
+        /// The question.
+        prompt: Vec<String>,
+        /// Model name (default: the first configured model, or "default").
+        #[arg(long, short, env = "KOTAEMON_MODEL")]
+        model: Option<String>,
+        /// Wait for the whole answer instead of streaming it.
+        #[arg(long)]
+        no_stream: bool,
+    },
+    /// Interactive chat (type /reset to forget, /exit or Ctrl-D to leave).
+    Chat {
+        #[arg(long, short, env = "KOTAEMON_MODEL")]
+        model: Option<String>,
+    },
+    /// Write the commented default configuration.
+    Init {
+        /// Where to write it.
+        #[arg(default_value = "kotaemon.toml")]
+        path: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the configuration, secrets, file permissions and every upstream.
+    Doctor,
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+    /// Run the scripted fake upstream (tests and benchmarks).
+    #[command(hide = true)]
+    FakeUpstream {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KOTAEMON_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(Config::load(path.map(PathBuf::as_path))?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { listen } => {
+            let mut config = load_config(cli.config.as_ref())?;
+            if let Some(l) = listen {
+                config.server.listen = l.parse().with_context(|| {
+                    format!("--listen `{l}` is not an address like 127.0.0.1:8080")
+                })?;
+            }
+            init_logging(&config);
+            let addr = config.server.listen;
+            let app = App::build(config)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            app.serve(listener, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ask {
+            prompt,
+            model,
+            no_stream,
+        } => {
+            let config = load_config(cli.config.as_ref())?;
+            init_logging(&config);
+            let prompt = prompt.join(" ");
+            if prompt.trim().is_empty() {
+                anyhow::bail!("nothing to ask: give the question as arguments, e.g. kotaemon ask \"what time is it in Tokyo?\"");
+            }
+            let app = App::build(config)?;
+            let model = model.unwrap_or_else(|| cli_turn::default_model(&app.config));
+            let mut history = Vec::new();
+            cli_turn::ask(&app, &model, &mut history, &prompt, !no_stream).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Chat { model } => {
+            let config = load_config(cli.config.as_ref())?;
+            init_logging(&config);
+            let app = App::build(config)?;
+            let model = model.unwrap_or_else(|| cli_turn::default_model(&app.config));
+            cli_turn::repl(&app, &model).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { path, force } => {
+            if path.exists() && !force {
+                anyhow::bail!("{} exists; use --force to overwrite it", path.display());
+            }
+            std::fs::write(&path, DEFAULT_TOML)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!(
+                "wrote {} — edit the [[upstreams]] section, then run: kotaemon serve --config {}",
+                path.display(),
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor => doctor::run(cli.config.as_deref()).await,
+        Command::Bench { which } => bench::run(which).await,
+        Command::FakeUpstream { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let fake = kotaemon_fake_upstream::FakeUpstream::start(listener).await;
+            println!("listening on {}", fake.base_url());
+            shutdown_signal().await;
+            fake.shutdown();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down: draining requests in flight");
+}
