@@ -125,6 +125,16 @@ impl OpenAiUpstream {
         UpstreamError::new(&self.name, phase, kind)
     }
 
+    /// A body that breaks off while being read is a broken connection, whatever reqwest
+    /// calls it.
+    fn classify_body(&self, e: &reqwest::Error) -> UpstreamError {
+        if e.is_timeout() {
+            self.err(Phase::Sent, UpstreamErrorKind::IdleTimeout)
+        } else {
+            self.err(Phase::Sent, UpstreamErrorKind::Transport)
+        }
+    }
+
     fn classify(&self, e: &reqwest::Error) -> UpstreamError {
         if e.is_connect() {
             self.err(Phase::NotSent, UpstreamErrorKind::Connect)
@@ -244,10 +254,16 @@ impl Upstream for OpenAiUpstream {
         let response = self
             .send(&self.chat_url, Some(body), ttfb_at, deadline)
             .await?;
-        let bytes = match timeout_at(deadline.0, response.bytes()).await {
+        // Servers send the head of a non-streamed answer when it is done, so the body follows
+        // at once: a body that stalls longer than the idle limit is a broken upstream.
+        let body_by = (Instant::now() + self.idle).min(deadline.0);
+        let bytes = match timeout_at(body_by, response.bytes()).await {
             Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(self.classify(&e)),
-            Err(_) => return Err(self.err(Phase::Sent, UpstreamErrorKind::Deadline)),
+            Ok(Err(e)) => return Err(self.classify_body(&e)),
+            Err(_) if deadline.passed() => {
+                return Err(self.err(Phase::Sent, UpstreamErrorKind::Deadline))
+            }
+            Err(_) => return Err(self.err(Phase::Sent, UpstreamErrorKind::IdleTimeout)),
         };
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             self.err(
