@@ -1,0 +1,358 @@
+//! The `kotaemon` binary as a user runs it: init, serve, ask, doctor, bad configs, signals,
+//! and secrets that never reach the logs.
+
+use kotaemon_fake_upstream::{FakeUpstream, Script};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kotaemon"));
+    // Tests must not pick up a developer's environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KOTAEMON_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .expect("cannot run kotaemon")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn config_for(dir: &Path, upstream: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("kotaemon.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n[pool.health]\nenabled = false\n{extra}\n[[upstreams]]\nname = \"cloud\"\nbase_url = \"{upstream}\"\nttfb_ms = 2000\n"),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn init_writes_a_config_that_loads_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    let out = run(bin().arg("init").arg(&path));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        written.contains("[[upstreams]]") && written.contains("# "),
+        "commented config"
+    );
+    kotaemon_core::Config::from_toml_str(&written).expect("what init writes parses");
+    let again = run(bin().arg("init").arg(&path));
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert!(run(bin().arg("init").arg(&path).arg("--force"))
+        .status
+        .success());
+}
+
+#[test]
+fn bad_config_lists_every_problem_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nmax_body_bytes = 1\n[pool]\nmax_attempts = 0\n[[upstreams]]\nname = \"a b\"\nbase_url = \"nope\"\napi_key = \"sk-literal\"\n",
+    )
+    .unwrap();
+    let out = run(bin().args(["serve", "--config"]).arg(&path));
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    // A literal secret is a type error caught first, with its path.
+    assert!(
+        err.contains("upstreams[0].api_key") && err.contains("env:"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    std::fs::write(&path, "[server]\nmax_body_bytes = 1\n[pool]\nmax_attempts = 0\n[[upstreams]]\nname = \"a b\"\nbase_url = \"nope\"\n").unwrap();
+    let out = run(bin().args(["serve", "--config"]).arg(&path));
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    for key in [
+        "server.max_body_bytes",
+        "pool.max_attempts",
+        "upstreams[0].name",
+        "upstreams[0].base_url",
+    ] {
+        assert!(err.contains(key), "missing {key} in:\n{err}");
+    }
+    std::fs::write(&path, "[server\nlisten = ").unwrap();
+    let out = run(bin().args(["serve", "--config"]).arg(&path));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid configuration"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(bin().args(["serve", "--config", "/nonexistent/kotaemon.toml"]));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot read file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_streams_the_answer_to_the_terminal() {
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    fake.set_default(Script {
+        echo: true,
+        ..Script::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), &fake.base_url(), "");
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin()
+            .args(["ask", "--config"])
+            .arg(&cfg)
+            .arg("帮我安排明天上午10点的会议"))
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "帮我安排明天上午10点的会议");
+    assert_eq!(fake.requests()[0].body["stream"], true);
+
+    // An upstream that fails: a clear message, non-zero exit.
+    fake.set_default(Script {
+        status: 500,
+        ..Script::default()
+    });
+    let cfg = config_for(dir.path(), &fake.base_url(), "[pool]\nmax_attempts = 1\n");
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin()
+            .args(["ask", "--no-stream", "--config"])
+            .arg(&cfg)
+            .arg("hi"))
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("upstream_server_error"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_each_upstream() {
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    fake.set_models(vec!["qwen2.5-7b".into()]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), &fake.base_url(), "");
+    let c = cfg.clone();
+    let out = tokio::task::spawn_blocking(move || run(bin().args(["doctor", "--config"]).arg(&c)))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("ok    cloud: reachable") && stdout.contains("qwen2.5-7b"),
+        "{stdout}"
+    );
+
+    let unreachable = config_for(dir.path(), "http://127.0.0.1:9/v1", "");
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin().args(["doctor", "--config"]).arg(&unreachable))
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("FAIL  cloud"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `serve` on a free port with env overrides; returns the process and its base URL.
+fn serve(cfg: &Path, envs: &[(&str, &str)]) -> (Server, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = bin();
+    cmd.args(["serve", "--config"])
+        .arg(cfg)
+        .env("KOTAEMON_SERVER__LISTEN", format!("127.0.0.1:{port}"));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (Server(child), format!("http://127.0.0.1:{port}"))
+}
+
+async fn wait_ready(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..250 {
+        if client
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("agent at {url} never answered /healthz");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_env_overrides_keeps_secrets_out_of_logs_and_stops_on_sigterm() {
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(
+        dir.path(),
+        "http://127.0.0.1:9/v1",
+        "[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+    );
+    let canary = "sk-log-canary-4242";
+    let (mut server, url) = serve(
+        &cfg,
+        &[
+            // The config points at a dead port; the override points at the fake.
+            ("KOTAEMON_UPSTREAMS__0__BASE_URL", &fake.base_url()),
+            ("KOTAEMON_UPSTREAMS__0__API_KEY", "env:KOTAEMON_LOG_CANARY"),
+            ("KOTAEMON_LOG_CANARY", canary),
+        ],
+    );
+    wait_ready(&url).await;
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    fake.set_default(Script {
+        status: 401,
+        ..Script::default()
+    });
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(!r.text().await.unwrap().contains(canary));
+    assert!(fake.requests()[0]
+        .headers
+        .iter()
+        .any(|(k, v)| k == "authorization" && v.ends_with(canary)));
+
+    let pid = server.0.id() as i32;
+    // SAFETY-free: `kill` via the command line, the way an init system would.
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.0.wait().unwrap();
+        let mut logs = String::new();
+        server
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut logs)
+            .unwrap();
+        (status, logs)
+    })
+    .await
+    .unwrap();
+    let (status, logs) = status;
+    assert!(
+        status.success(),
+        "graceful exit on SIGTERM: {status:?}\n{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("kotaemon is listening")),
+        "{logs}"
+    );
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    assert!(
+        !logs.contains(canary),
+        "the upstream key leaked into the logs"
+    );
+    assert!(!logs.contains("\"hi\""), "user text leaked into the logs");
+}
+
+#[test]
+fn serve_warns_loudly_when_open_to_the_network_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), "http://127.0.0.1:9/v1", "");
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--listen", &format!("0.0.0.0:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.contains("WITHOUT client API keys") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains("WITHOUT client API keys"), "{seen}");
+}

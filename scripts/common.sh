@@ -1,0 +1,66 @@
+# Shared by scripts/run and scripts/test. Installs only what is missing, so a second run is
+# fast and works offline once everything is there.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "need Debian packages: ${missing[*]} (no apt-get here)"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ $apt_updated -eq 0 ]; then
+    log "apt-get update"
+    $sudo apt-get update -qq
+    apt_updated=1
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+require_rust() {
+  command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup, 1.85 or newer)"
+}
+
+install_build_deps() {
+  require_rust
+  apt_install gcc libc6-dev pkg-config
+}
+
+# Where cargo puts binaries (honours CARGO_TARGET_DIR and .cargo/config.toml).
+target_dir() {
+  cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])'
+}
+
+VENV="${KOTAEMON_VENV:-$ROOT/.venv}"
+
+install_test_deps() {
+  install_build_deps
+  # promtool (metrics lint) comes with Debian's prometheus package.
+  apt_install prometheus ca-certificates
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating Python venv at $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.requirements.sha256"
+  local want
+  want="$(sha256sum scripts/python-requirements.txt | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing Python test requirements"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/python-requirements.txt
+    echo "$want" > "$stamp"
+  fi
+}
