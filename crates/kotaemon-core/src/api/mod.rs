@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 pub const TURN_ID_HEADER: &str = "x-kotaemon-turn-id";
 /// Clients may pin a turn to one upstream by name.
@@ -214,7 +215,9 @@ async fn chat_completions(
         .map(str::to_string);
     let ctx = turn.ctx.clone();
     let turn_id = HeaderValue::from_str(ctx.id.as_str()).ok();
-    let mut response = match state.pipeline.run(turn).await {
+    // One span per turn: every log line of the turn carries its id (also the response header).
+    let span = tracing::info_span!("turn", id = %ctx.id, stream);
+    let mut response = match state.pipeline.run(turn).instrument(span).await {
         Ok(Reply::Complete(completion)) => {
             let body = serde_json::to_vec(&completion.body).unwrap_or_default();
             ctx.emit(TurnEvent::Overhead {

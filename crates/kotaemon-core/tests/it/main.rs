@@ -7,3 +7,4 @@ mod events;
 mod faults;
 mod harness;
 mod pool;
+mod tls;
