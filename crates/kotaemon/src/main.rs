@@ -70,6 +70,9 @@ enum Command {
     FakeUpstream {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Script used when none is queued (JSON, see kotaemon_fake_upstream::Script).
+        #[arg(long)]
+        default_script: Option<String>,
     },
 }
 
@@ -170,11 +173,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => doctor::run(cli.config.as_deref()).await,
         Command::Bench { which } => bench::run(which).await,
-        Command::FakeUpstream { listen } => {
+        Command::FakeUpstream {
+            listen,
+            default_script,
+        } => {
+            let default_script = default_script
+                .map(|json| serde_json::from_str::<kotaemon_fake_upstream::Script>(&json))
+                .transpose()
+                .context("invalid --default-script")?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let fake = kotaemon_fake_upstream::FakeUpstream::start(listener).await;
+            if let Some(script) = default_script {
+                fake.set_default(script);
+            }
             println!("listening on {}", fake.base_url());
             shutdown_signal().await;
             fake.shutdown();

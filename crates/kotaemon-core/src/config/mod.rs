@@ -93,22 +93,24 @@ impl Config {
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
         env::apply_overrides(&mut table, vars).map_err(fail)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| fail(vec![format!("{}: {}", e.path(), e.inner())]))?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(fail(problems))
-        }
+        Self::from_table(table, source_name)
     }
 
+    /// Parses a config from TOML text alone (no environment), e.g. what `init` wrote.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let fail = |problems| ConfigError {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
             source_name: None,
+            problems: vec![e.to_string()],
+        })?;
+        Self::from_table(table, None)
+    }
+
+    fn from_table(table: toml::Table, source_name: Option<String>) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: source_name.clone(),
             problems,
         };
-        let config: Config = serde_path_to_error::deserialize(toml::de::Deserializer::new(text))
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| fail(vec![format!("{}: {}", e.path(), e.inner())]))?;
         let problems = config.problems();
         if problems.is_empty() {

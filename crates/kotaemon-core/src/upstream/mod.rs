@@ -220,28 +220,23 @@ impl UpstreamError {
         }
     }
 
-    /// May another attempt (on this or another upstream) help? Exhaustive on purpose: a new
-    /// kind must decide here, not fall into a wildcard.
+    /// May another attempt (on this or another upstream) help? Never after commit; otherwise
+    /// when the upstream is at fault, or asked us to come back (408, 429).
     pub fn retryable(&self) -> bool {
-        if self.phase == Phase::Committed {
-            return false;
-        }
-        match &self.kind {
-            UpstreamErrorKind::Connect
-            | UpstreamErrorKind::FirstByteTimeout
-            | UpstreamErrorKind::IdleTimeout
-            | UpstreamErrorKind::Transport
-            | UpstreamErrorKind::Malformed(_)
-            | UpstreamErrorKind::Credentials(_) => true,
-            UpstreamErrorKind::Deadline => false,
-            UpstreamErrorKind::Status { status, .. } => {
-                matches!(status, 401 | 403 | 408 | 429 | 500..=599)
-            }
-        }
+        self.phase != Phase::Committed
+            && (self.is_upstream_fault()
+                || matches!(
+                    self.kind,
+                    UpstreamErrorKind::Status {
+                        status: 408 | 429,
+                        ..
+                    }
+                ))
     }
 
     /// Does this error say the upstream is broken (counts toward its breaker)? A 429 says it
     /// is busy (it cools down instead), a 400 says the request was bad (the upstream is fine).
+    /// Exhaustive on purpose: a new kind must decide here, not fall into a wildcard.
     pub fn is_upstream_fault(&self) -> bool {
         match &self.kind {
             UpstreamErrorKind::Connect

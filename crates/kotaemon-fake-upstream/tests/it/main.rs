@@ -319,33 +319,3 @@ async fn delays_are_applied() {
     assert_eq!(chat(up.addr(), "x", false, false).await.status, 200);
     assert!(t.elapsed() >= Duration::from_millis(30 + 20 + 4 * 10));
 }
-
-#[tokio::test]
-async fn binary_prints_address_and_serves() {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kotaemon-fake-upstream"))
-        .args(["--default-script", r#"{"text":"from the binary"}"#])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    tokio::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .await
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap()
-        .strip_suffix("/v1")
-        .unwrap();
-    let addr = url.parse().unwrap();
-    let r = chat(addr, "x", false, false).await;
-    assert_eq!(
-        r.json()["choices"][0]["message"]["content"],
-        "from the binary"
-    );
-    child.kill().await.unwrap();
-}

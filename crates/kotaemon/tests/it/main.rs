@@ -356,3 +356,41 @@ fn serve_warns_loudly_when_open_to_the_network_without_keys() {
     let _ = child.wait();
     assert!(seen.contains("WITHOUT client API keys"), "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_upstream_subcommand_prints_its_address_and_follows_its_script() {
+    let mut child = bin()
+        .args([
+            "fake-upstream",
+            "--default-script",
+            r#"{"text":"from the binary"}"#,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_string();
+    let server = Server(child);
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "from the binary");
+    drop(server);
+    let bad = run(bin().args(["fake-upstream", "--default-script", "{nope"]));
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("invalid --default-script"));
+}
