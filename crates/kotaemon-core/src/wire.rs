@@ -84,23 +84,31 @@ impl ChatRequest {
             .unwrap_or(false)
     }
 
-    /// Checks the schema rules serde cannot express. Returns a message naming the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the schema rules serde cannot express. The error names the field.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let invalid = |param: String, message: String| Err(InvalidField { param, message });
         if self.model.trim().is_empty() {
-            return Err("`model` must not be empty".into());
+            return invalid("model".into(), "`model` must not be empty".into());
         }
         if self.messages.is_empty() {
-            return Err("`messages` must contain at least one message".into());
+            return invalid(
+                "messages".into(),
+                "`messages` must contain at least one message".into(),
+            );
         }
         if let Some(tools) = &self.tools {
-            for (i, tool) in tools.iter().enumerate() {
-                if !tool.is_object() {
-                    return Err(format!("`tools[{i}]` must be an object"));
-                }
+            if let Some(i) = tools.iter().position(|t| !t.is_object()) {
+                return invalid(
+                    format!("tools[{i}]"),
+                    format!("`tools[{i}]` must be an object"),
+                );
             }
         }
         if self.stream_options.is_some() && !self.wants_stream() {
-            return Err("`stream_options` is only allowed when `stream` is true".into());
+            return invalid(
+                "stream_options".into(),
+                "`stream_options` is only allowed when `stream` is true".into(),
+            );
         }
         Ok(())
     }
@@ -154,6 +162,13 @@ impl ChatRequest {
             })
             .sum()
     }
+}
+
+/// A request field that breaks a rule: `param` is its path, as in OpenAI's error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidField {
+    pub param: String,
+    pub message: String,
 }
 
 /// Token counts as reported by an upstream.
@@ -332,7 +347,7 @@ mod tests {
     fn validation_names_the_field() {
         let req: ChatRequest =
             serde_json::from_value(json!({"model": "m", "messages": []})).unwrap();
-        assert!(req.validate().unwrap_err().contains("messages"));
+        assert_eq!(req.validate().unwrap_err().param, "messages");
         let bad = serde_json::from_value::<ChatRequest>(
             json!({"model": "m", "messages": [{"role": "robot"}]}),
         );

@@ -19,6 +19,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub retry_after: Option<Duration>,
+    /// Send `Connection: close` (the request body was not read to its end).
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -35,6 +37,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            close_connection: false,
         }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -105,6 +108,11 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(d) = self.retry_after {
             // Whole seconds, rounded up, at least 1: clients must not retry immediately.
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);

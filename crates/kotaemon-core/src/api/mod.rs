@@ -164,34 +164,72 @@ async fn require_key(State(state): State<ApiState>, request: Request, next: Next
 
 fn parse_chat_request(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, ApiError> {
     let bytes = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            "request body is larger than the configured server.max_body_bytes",
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            let mut e = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                "request body is larger than the configured server.max_body_bytes",
+            );
+            // The rest of the body is never read, so the connection cannot be reused: say so,
+            // or a keep-alive client sends its next request into a closed socket.
+            e.close_connection = true;
+            e
+        }
         _ => ApiError::bad_request(
             "unreadable_body",
             format!("could not read the request body: {rejection}"),
         ),
     })?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let request: ChatRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::bad_request(
-                "invalid_json",
-                format!("request body is not valid JSON: {inner}"),
-            )
-        } else {
-            ApiError::bad_request("invalid_request", format!("{path}: {inner}")).with_param(path)
-        }
-    })?;
+    let request: ChatRequest = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return ApiError::bad_request(
+                    "invalid_json",
+                    format!("request body is not valid JSON: {inner}"),
+                );
+            }
+            let param = field_path(&path, &inner.to_string());
+            let message = match &param {
+                Some(p) => format!("{p}: {inner}"),
+                None => format!("request body: {inner}"),
+            };
+            let error = ApiError::bad_request("invalid_request", message);
+            match param {
+                Some(p) => error.with_param(p),
+                None => error,
+            }
+        })
+        // Trailing bytes after the document (`{...} x`, `{...}{...}`) are not a valid body.
+        .and_then(|r| {
+            de.end().map(|_| r).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_json",
+                    format!("request body is not valid JSON: {e}"),
+                )
+            })
+        })?;
     request
         .validate()
-        .map_err(|m| ApiError::bad_request("invalid_request", m))?;
+        .map_err(|f| ApiError::bad_request("invalid_request", f.message).with_param(f.param))?;
     Ok(request)
+}
+
+/// The field a deserialization error is about: serde_path_to_error's path ("." at the top),
+/// extended by the field serde names in "missing field `x`".
+fn field_path(path: &str, message: &str) -> Option<String> {
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match (path, missing) {
+        (".", None) => None,
+        (".", Some(field)) => Some(field.to_string()),
+        (p, None) => Some(p.to_string()),
+        (p, Some(field)) => Some(format!("{p}.{field}")),
+    }
 }
 
 async fn chat_completions(
