@@ -73,6 +73,7 @@ pub struct TurnCtx {
     /// Time spent waiting for the upstream that answered (whole call, or to commit for
     /// streams): the rest of the turn's time is the gateway's overhead.
     upstream_wait_ns: Arc<AtomicU64>,
+    meta: Arc<std::sync::Mutex<TurnMeta>>,
 }
 
 impl TurnCtx {
@@ -82,6 +83,7 @@ impl TurnCtx {
             bus,
             started: Instant::now(),
             upstream_wait_ns: Arc::new(AtomicU64::new(0)),
+            meta: Arc::default(),
         }
     }
     pub fn emit(&self, event: TurnEvent) {
@@ -91,9 +93,31 @@ impl TurnCtx {
         self.upstream_wait_ns
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
+    /// Records a stage's decision for the response headers.
+    pub fn annotate(&self, f: impl FnOnce(&mut TurnMeta)) {
+        f(&mut self.meta.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    pub fn meta(&self) -> TurnMeta {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
     pub fn upstream_wait(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.upstream_wait_ns.load(Ordering::Relaxed))
     }
+}
+
+/// What the turn's stages decided, for the response headers and the CLI: which stage
+/// answered, the route and why, cache outcome, degraded service. Codes, never user text.
+#[derive(Debug, Clone, Default)]
+pub struct TurnMeta {
+    /// "rules", "cache", "local" or "cloud".
+    pub answered_by: Option<&'static str>,
+    /// Route and reason code from the router.
+    pub route: Option<(&'static str, &'static str)>,
+    /// Cache outcome ("hit-exact", "hit-semantic", "miss", "bypass", "skipped").
+    pub cache: Option<&'static str>,
+    pub cache_similarity: Option<f32>,
+    /// The cloud was wanted but could not answer; the local model did.
+    pub degraded: bool,
 }
 
 /// Routing requests from the client (header `x-kotaemon-upstream`).

@@ -194,6 +194,80 @@ pub struct Completion {
     pub body: Value,
 }
 
+/// Seconds since the Unix epoch, for `created`.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A text answer made on the device (rules, cache, local model), in the same shapes an
+/// upstream would send, so every sink renders it the same way.
+#[derive(Debug, Clone)]
+pub struct LocalAnswer {
+    pub id: String,
+    pub model: String,
+    pub text: String,
+    pub finish_reason: String,
+    pub usage: Usage,
+}
+
+impl LocalAnswer {
+    pub fn new(id_prefix: &str, model: &str, text: String, usage: Usage) -> Self {
+        LocalAnswer {
+            id: format!("chatcmpl-{id_prefix}-{}", uuid::Uuid::new_v4().simple()),
+            model: model.to_string(),
+            text,
+            finish_reason: "stop".into(),
+            usage,
+        }
+    }
+
+    pub fn completion(&self) -> Completion {
+        Completion {
+            body: serde_json::json!({
+                "id": self.id, "object": "chat.completion", "created": unix_now(), "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
+                             "finish_reason": self.finish_reason}],
+                "usage": self.usage,
+            }),
+        }
+    }
+
+    /// The answer as a stream: role, the text in pieces, finish, usage — like an upstream
+    /// asked for `include_usage`.
+    pub fn chunks(&self, pieces: &[&str]) -> Vec<Chunk> {
+        let created = unix_now();
+        let chunk = |delta: Value, finish: Value| Chunk {
+            body: serde_json::json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }),
+        };
+        let mut out = vec![chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )];
+        out.extend(
+            pieces
+                .iter()
+                .map(|p| chunk(serde_json::json!({"content": p}), Value::Null)),
+        );
+        out.push(chunk(
+            serde_json::json!({}),
+            Value::String(self.finish_reason.clone()),
+        ));
+        out.push(Chunk {
+            body: serde_json::json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                "choices": [], "usage": self.usage,
+            }),
+        });
+        out
+    }
+}
+
 impl Completion {
     /// Checks the minimal shape every OpenAI-compatible answer has; anything else is an
     /// upstream fault, not something to hand to a client as success.
@@ -341,6 +415,19 @@ mod tests {
             serde_json::from_slice(&req.to_upstream_body("x", false).unwrap()).unwrap();
         assert_eq!(body["stream"], false);
         assert!(body.get("stream_options").is_none());
+    }
+
+    #[test]
+    fn local_answers_have_upstream_shapes() {
+        let a = LocalAnswer::new("rules", "m", "你好!".into(), Usage::default());
+        let c = a.completion();
+        assert_eq!(c.content(), Some("你好!"));
+        assert_eq!(c.finish_reason(), Some("stop"));
+        let chunks = a.chunks(&["你", "好!"]);
+        let text: String = chunks.iter().filter_map(Chunk::content_delta).collect();
+        assert_eq!(text, "你好!");
+        assert!(chunks.last().unwrap().is_usage_only());
+        assert_eq!(chunks[chunks.len() - 2].finish_reason(), Some("stop"));
     }
 
     #[test]

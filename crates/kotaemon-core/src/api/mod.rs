@@ -8,7 +8,7 @@ use crate::config::{Secret, SecretRef};
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent, TurnOutcome};
 use crate::pipeline::Pipeline;
-use crate::turn::{Origin, Reply, Turn};
+use crate::turn::{Origin, Reply, Turn, TurnMeta};
 use crate::upstream::pool::Pool;
 use crate::wire::{ChatRequest, ModelEntry, ModelList};
 use axum::body::{Body, Bytes};
@@ -29,6 +29,11 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 pub const TURN_ID_HEADER: &str = "x-kotaemon-turn-id";
+pub const ANSWERED_BY_HEADER: &str = "x-kotaemon-answered-by";
+pub const ROUTE_HEADER: &str = "x-kotaemon-route";
+pub const CACHE_HEADER: &str = "x-kotaemon-cache";
+pub const CACHE_SIMILARITY_HEADER: &str = "x-kotaemon-cache-similarity";
+pub const DEGRADED_HEADER: &str = "x-kotaemon-degraded";
 /// Clients may pin a turn to one upstream by name.
 pub const UPSTREAM_HEADER: &str = "x-kotaemon-upstream";
 
@@ -312,7 +317,32 @@ async fn chat_completions(
     if let Some(id) = turn_id {
         response.headers_mut().insert(TURN_ID_HEADER, id);
     }
+    meta_headers(&ctx.meta(), response.headers_mut());
     response
+}
+
+/// What the stages decided, as response headers (codes only, never user text).
+fn meta_headers(meta: &TurnMeta, headers: &mut HeaderMap) {
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    if let Some(by) = meta.answered_by {
+        put(ANSWERED_BY_HEADER, by.to_string());
+    }
+    if let Some((route, reason)) = meta.route {
+        put(ROUTE_HEADER, format!("{route}; reason={reason}"));
+    }
+    if let Some(cache) = meta.cache {
+        put(CACHE_HEADER, cache.to_string());
+    }
+    if let Some(sim) = meta.cache_similarity {
+        put(CACHE_SIMILARITY_HEADER, format!("{sim:.4}"));
+    }
+    if meta.degraded {
+        put(DEGRADED_HEADER, "true".to_string());
+    }
 }
 
 async fn list_models(State(state): State<ApiState>) -> Response {

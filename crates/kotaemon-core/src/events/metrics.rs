@@ -22,6 +22,7 @@ pub const ACTIVE_STREAMS: &str = "kotaemon_active_streams";
 pub const OVERHEAD: &str = "kotaemon_gateway_overhead_seconds";
 pub const STAGE_DECISIONS: &str = "kotaemon_stage_decisions_total";
 pub const EVENTS_DROPPED: &str = "kotaemon_events_dropped_total";
+pub const RULE_MATCHES: &str = "kotaemon_rule_matches_total";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
 pub const OVERHEAD_BUCKETS: &[f64] = &[
@@ -91,6 +92,7 @@ pub fn describe() {
         "Decisions of pipeline stages, by stage and decision."
     );
     describe_counter!(EVENTS_DROPPED, "Events a slow subscriber missed.");
+    describe_counter!(RULE_MATCHES, "Turns answered by a local rule, by intent.");
 }
 
 pub fn record(event: &TurnEvent) {
@@ -100,6 +102,9 @@ pub fn record(event: &TurnEvent) {
             stage, decision, ..
         } => counter!(STAGE_DECISIONS, "stage" => *stage, "decision" => *decision).increment(1),
         TurnEvent::UpstreamAttempt { .. } => {}
+        TurnEvent::RuleMatched { intent, .. } => {
+            counter!(RULE_MATCHES, "intent" => intent.to_string()).increment(1)
+        }
         TurnEvent::UpstreamFinished {
             upstream,
             outcome,

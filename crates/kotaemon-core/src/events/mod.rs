@@ -42,6 +42,11 @@ pub enum TurnEvent {
         stage: &'static str,
         decision: &'static str,
     },
+    /// A local rule answered the turn.
+    RuleMatched {
+        turn: TurnId,
+        intent: Arc<str>,
+    },
     UpstreamAttempt {
         turn: TurnId,
         upstream: Arc<str>,

@@ -43,6 +43,7 @@ impl Stage for Llm {
             stage: self.name(),
             decision: "cloud",
         });
+        ctx.annotate(|m| m.answered_by = Some("cloud"));
         if turn.request.wants_stream() {
             let (stream, served) = self
                 .pool

@@ -3,6 +3,7 @@
 //! tool loop, voice reply) slot into `build` at their place in the order.
 
 pub mod llm;
+pub mod rules;
 pub mod system_prompt;
 
 use crate::pipeline::{Pipeline, Stage};
@@ -13,6 +14,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StagesConfig {
+    pub rules: rules::RulesConfig,
     pub system_prompt: system_prompt::SystemPromptConfig,
 }
 
@@ -31,10 +33,23 @@ pub struct StageDeps {
 /// Builds the pipeline in canonical order; every problem is reported with its key path.
 pub fn build(config: &StagesConfig, deps: &StageDeps) -> Result<Pipeline, Vec<String>> {
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
-    if let Some(s) = system_prompt::SystemPrompt::new(&config.system_prompt)? {
-        stages.push(Arc::new(s));
+    let mut problems = Vec::new();
+    // Local rules first: instant answers never wait for anything else.
+    match rules::Rules::new(&config.rules) {
+        Ok(Some(s)) => stages.push(Arc::new(s)),
+        Ok(None) => {}
+        Err(mut p) => problems.append(&mut p),
+    }
+    match system_prompt::SystemPrompt::new(&config.system_prompt) {
+        Ok(Some(s)) => stages.push(Arc::new(s)),
+        Ok(None) => {}
+        Err(mut p) => problems.append(&mut p),
     }
     // Innermost: the model (cloud pool; local fallback and the tool loop arrive here later).
     stages.push(Arc::new(llm::Llm::new(deps.pool.clone())));
-    Ok(Pipeline::new(stages))
+    if problems.is_empty() {
+        Ok(Pipeline::new(stages))
+    } else {
+        Err(problems)
+    }
 }

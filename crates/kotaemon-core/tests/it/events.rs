@@ -10,6 +10,7 @@ fn name(e: &TurnEvent) -> String {
         TurnEvent::StageDecided {
             stage, decision, ..
         } => format!("stage({stage}:{decision})"),
+        TurnEvent::RuleMatched { intent, .. } => format!("rule({intent})"),
         TurnEvent::UpstreamAttempt { attempt, .. } => format!("attempt({attempt})"),
         TurnEvent::UpstreamFinished { outcome, ttft, .. } => {
             format!("upstream_finished({outcome}, ttft={})", ttft.is_some())
@@ -41,6 +42,7 @@ async fn sequence(agent: &Agent, body: serde_json::Value) -> Vec<String> {
         let ours = match &*e {
             TurnEvent::TurnStarted { turn: t, .. }
             | TurnEvent::StageDecided { turn: t, .. }
+            | TurnEvent::RuleMatched { turn: t, .. }
             | TurnEvent::UpstreamAttempt { turn: t, .. }
             | TurnEvent::UpstreamFinished { turn: t, .. }
             | TurnEvent::Retry { turn: t, .. }

@@ -7,4 +7,5 @@ mod events;
 mod faults;
 mod harness;
 mod pool;
+mod rules;
 mod tls;
