@@ -120,10 +120,28 @@ pub struct TurnMeta {
     pub degraded: bool,
 }
 
-/// Routing requests from the client (header `x-kotaemon-upstream`).
+/// Where a turn's model call goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    Cloud,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Cloud => "cloud",
+        }
+    }
+}
+
+/// Routing requests from the client: `x-kotaemon-upstream` pins an upstream,
+/// `x-kotaemon-route` forces local or cloud.
 #[derive(Debug, Clone, Default)]
 pub struct RouteHints {
     pub upstream: Option<String>,
+    pub route: Option<Route>,
 }
 
 pub struct Turn {
@@ -132,6 +150,8 @@ pub struct Turn {
     pub request: ChatRequest,
     pub deadline: Deadline,
     pub hints: RouteHints,
+    /// Set by the router; `None` (no router) means cloud, or local if the model names it.
+    pub route: Option<Route>,
 }
 
 impl Turn {
@@ -153,6 +173,7 @@ impl Turn {
             request,
             deadline: Deadline::after(timeout),
             hints: RouteHints::default(),
+            route: None,
         }
     }
     pub fn id(&self) -> &TurnId {

@@ -151,6 +151,12 @@ impl From<PoolError> for ApiError {
             PoolError::UnknownUpstream { .. } => {
                 ApiError::bad_request("unknown_upstream", e.to_string())
             }
+            PoolError::NoLocalModel => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_local_model",
+                e.to_string(),
+            ),
             PoolError::Unavailable { retry_after } => {
                 let mut a = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

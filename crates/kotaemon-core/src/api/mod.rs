@@ -8,7 +8,7 @@ use crate::config::{Secret, SecretRef};
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent, TurnOutcome};
 use crate::pipeline::Pipeline;
-use crate::turn::{Origin, Reply, Turn, TurnMeta};
+use crate::turn::{Origin, Reply, Route, Turn, TurnMeta};
 use crate::upstream::pool::Pool;
 use crate::wire::{ChatRequest, ModelEntry, ModelList};
 use axum::body::{Body, Bytes};
@@ -252,6 +252,18 @@ async fn chat_completions(
     let stream = request.wants_stream();
     let include_usage = request.client_wants_usage_in_stream();
     let mut turn = Turn::new(state.bus.clone(), Origin::Api, request, state.turn_timeout);
+    turn.hints.route = match headers.get(ROUTE_HEADER).map(|v| v.to_str().unwrap_or("")) {
+        None => None,
+        Some("local") => Some(Route::Local),
+        Some("cloud") => Some(Route::Cloud),
+        Some(_) => {
+            return ApiError::bad_request(
+                "invalid_route",
+                "x-kotaemon-route must be `local` or `cloud`",
+            )
+            .into_response()
+        }
+    };
     turn.hints.upstream = headers
         .get(UPSTREAM_HEADER)
         .and_then(|v| v.to_str().ok())

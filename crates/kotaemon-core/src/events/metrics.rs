@@ -23,6 +23,8 @@ pub const OVERHEAD: &str = "kotaemon_gateway_overhead_seconds";
 pub const STAGE_DECISIONS: &str = "kotaemon_stage_decisions_total";
 pub const EVENTS_DROPPED: &str = "kotaemon_events_dropped_total";
 pub const RULE_MATCHES: &str = "kotaemon_rule_matches_total";
+pub const ROUTE_DECISIONS: &str = "kotaemon_route_decisions_total";
+pub const DEGRADED: &str = "kotaemon_degraded_turns_total";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
 pub const OVERHEAD_BUCKETS: &[f64] = &[
@@ -93,6 +95,11 @@ pub fn describe() {
     );
     describe_counter!(EVENTS_DROPPED, "Events a slow subscriber missed.");
     describe_counter!(RULE_MATCHES, "Turns answered by a local rule, by intent.");
+    describe_counter!(ROUTE_DECISIONS, "Router decisions, by route and reason.");
+    describe_counter!(
+        DEGRADED,
+        "Turns the local model answered because the cloud could not, by reason."
+    );
 }
 
 pub fn record(event: &TurnEvent) {
@@ -102,6 +109,10 @@ pub fn record(event: &TurnEvent) {
             stage, decision, ..
         } => counter!(STAGE_DECISIONS, "stage" => *stage, "decision" => *decision).increment(1),
         TurnEvent::UpstreamAttempt { .. } => {}
+        TurnEvent::Routed { route, reason, .. } => {
+            counter!(ROUTE_DECISIONS, "route" => route.as_str(), "reason" => *reason).increment(1)
+        }
+        TurnEvent::Degraded { reason, .. } => counter!(DEGRADED, "reason" => *reason).increment(1),
         TurnEvent::RuleMatched { intent, .. } => {
             counter!(RULE_MATCHES, "intent" => intent.to_string()).increment(1)
         }

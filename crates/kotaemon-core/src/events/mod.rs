@@ -6,7 +6,7 @@
 
 pub mod metrics;
 
-use crate::turn::{Origin, TurnId};
+use crate::turn::{Origin, Route, TurnId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -41,6 +41,17 @@ pub enum TurnEvent {
         turn: TurnId,
         stage: &'static str,
         decision: &'static str,
+    },
+    /// The router chose where the model call goes, and why.
+    Routed {
+        turn: TurnId,
+        route: Route,
+        reason: &'static str,
+    },
+    /// The cloud could not answer before its first byte; the local model did.
+    Degraded {
+        turn: TurnId,
+        reason: &'static str,
     },
     /// A local rule answered the turn.
     RuleMatched {

@@ -1,22 +1,73 @@
-//! `llm` stage, the innermost: sends the turn to the cloud pool and accounts the tokens the
-//! upstream reports. The local-model fallback and the server-side tool loop join here later.
+//! `llm` stage, the innermost: sends the turn where the router decided — the cloud pool or
+//! the local model — and accounts the tokens reported. When the cloud cannot answer before its
+//! first byte (down, breakers open, busy, too slow), the local model answers instead and the
+//! turn is marked degraded. The server-side tool loop joins here later.
 
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
-use crate::turn::{Reply, Turn, TurnCtx};
-use crate::upstream::pool::{Pool, Served};
+use crate::turn::{Reply, Route, Turn, TurnCtx};
+use crate::upstream::pool::{Pool, PoolError, Served};
 use crate::wire::Usage;
 use async_trait::async_trait;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// Answer from the local model when the cloud cannot (marked degraded).
+    pub fallback_to_local: bool,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            fallback_to_local: true,
+        }
+    }
+}
 
 pub struct Llm {
     pool: Arc<Pool>,
+    fallback_to_local: bool,
 }
 
 impl Llm {
-    pub fn new(pool: Arc<Pool>) -> Self {
-        Llm { pool }
+    pub fn new(config: &LlmConfig, pool: Arc<Pool>) -> Self {
+        Llm {
+            pool,
+            fallback_to_local: config.fallback_to_local,
+        }
+    }
+
+    async fn call(&self, turn: &Turn, route: Route) -> Result<Reply, PoolError> {
+        let ctx = turn.ctx.clone();
+        let (request, hints, deadline) = (&turn.request, &turn.hints, turn.deadline);
+        if request.wants_stream() {
+            let (stream, served) = self
+                .pool
+                .stream(&ctx, request, hints, route, deadline)
+                .await?;
+            // Usage arrives in the last chunk; account it when seen.
+            let stream = stream.inspect(move |item| {
+                if let Ok(chunk) = item {
+                    if let Some(usage) = chunk.usage() {
+                        account(&ctx, &served, usage);
+                    }
+                }
+            });
+            Ok(Reply::Stream(stream.boxed()))
+        } else {
+            let (completion, served) = self
+                .pool
+                .complete(&ctx, request, hints, route, deadline)
+                .await?;
+            if let Some(usage) = completion.usage() {
+                account(&ctx, &served, usage);
+            }
+            Ok(Reply::Complete(completion))
+        }
     }
 }
 
@@ -37,36 +88,45 @@ impl Stage for Llm {
     }
 
     async fn handle(&self, turn: Turn, _next: Next<'_>) -> Result<Reply, TurnError> {
-        let ctx = turn.ctx.clone();
-        ctx.emit(TurnEvent::StageDecided {
-            turn: ctx.id.clone(),
-            stage: self.name(),
-            decision: "cloud",
-        });
-        ctx.annotate(|m| m.answered_by = Some("cloud"));
-        if turn.request.wants_stream() {
-            let (stream, served) = self
-                .pool
-                .stream(&ctx, &turn.request, &turn.hints, turn.deadline)
-                .await?;
-            // Usage arrives in the last chunk; account it when seen.
-            let stream = stream.inspect(move |item| {
-                if let Ok(chunk) = item {
-                    if let Some(usage) = chunk.usage() {
-                        account(&ctx, &served, usage);
-                    }
-                }
+        let route = turn
+            .route
+            .unwrap_or(if self.pool.is_local_model_name(&turn.request.model) {
+                Route::Local
+            } else {
+                Route::Cloud
             });
-            Ok(Reply::Stream(stream.boxed()))
-        } else {
-            let (completion, served) = self
-                .pool
-                .complete(&ctx, &turn.request, &turn.hints, turn.deadline)
-                .await?;
-            if let Some(usage) = completion.usage() {
-                account(&ctx, &served, usage);
+        turn.ctx.emit(TurnEvent::StageDecided {
+            turn: turn.id().clone(),
+            stage: self.name(),
+            decision: route.as_str(),
+        });
+        let result = match self.call(&turn, route).await {
+            Err(e)
+                if route == Route::Cloud
+                    && self.fallback_to_local
+                    && self.pool.has_local()
+                    && e.cloud_unavailable()
+                    && !turn.deadline.passed() =>
+            {
+                let reason = match &e {
+                    PoolError::Failed { last, .. } => last.code(),
+                    _ => "cloud_unavailable",
+                };
+                tracing::warn!(turn = %turn.id(), reason, "cloud unavailable; answering from the local model");
+                turn.ctx.emit(TurnEvent::Degraded {
+                    turn: turn.id().clone(),
+                    reason,
+                });
+                turn.ctx.annotate(|m| m.degraded = true);
+                self.call(&turn, Route::Local)
+                    .await
+                    .map(|r| (r, Route::Local))
             }
-            Ok(Reply::Complete(completion))
-        }
+            other => other.map(|r| (r, route)),
+        };
+        let (reply, answered) = result?;
+        turn.ctx
+            .annotate(|m| m.answered_by = Some(answered.as_str()));
+        Ok(reply)
     }
 }

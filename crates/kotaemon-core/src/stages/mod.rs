@@ -3,6 +3,7 @@
 //! tool loop, voice reply) slot into `build` at their place in the order.
 
 pub mod llm;
+pub mod router;
 pub mod rules;
 pub mod system_prompt;
 
@@ -15,7 +16,9 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields, default)]
 pub struct StagesConfig {
     pub rules: rules::RulesConfig,
+    pub router: router::RouterConfig,
     pub system_prompt: system_prompt::SystemPromptConfig,
+    pub llm: llm::LlmConfig,
 }
 
 impl StagesConfig {
@@ -40,13 +43,18 @@ pub fn build(config: &StagesConfig, deps: &StageDeps) -> Result<Pipeline, Vec<St
         Ok(None) => {}
         Err(mut p) => problems.append(&mut p),
     }
+    match router::Router::new(&config.router, deps.pool.clone()) {
+        Ok(Some(s)) => stages.push(Arc::new(s)),
+        Ok(None) => {}
+        Err(mut p) => problems.append(&mut p),
+    }
     match system_prompt::SystemPrompt::new(&config.system_prompt) {
         Ok(Some(s)) => stages.push(Arc::new(s)),
         Ok(None) => {}
         Err(mut p) => problems.append(&mut p),
     }
-    // Innermost: the model (cloud pool; local fallback and the tool loop arrive here later).
-    stages.push(Arc::new(llm::Llm::new(deps.pool.clone())));
+    // Innermost: the model, cloud or local (the tool loop arrives here later).
+    stages.push(Arc::new(llm::Llm::new(&config.llm, deps.pool.clone())));
     if problems.is_empty() {
         Ok(Pipeline::new(stages))
     } else {

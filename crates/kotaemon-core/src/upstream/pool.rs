@@ -7,7 +7,7 @@ use super::breaker::{Admission, Breaker, BreakerConfig};
 use super::health::HealthConfig;
 use super::{Upstream, UpstreamError};
 use crate::events::TurnEvent;
-use crate::turn::{ChunkStream, Deadline, RouteHints, TurnCtx};
+use crate::turn::{ChunkStream, Deadline, Route, RouteHints, TurnCtx};
 use crate::wire::{ChatRequest, Completion};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -76,6 +76,8 @@ impl PoolConfig {
 pub enum PoolError {
     #[error("no upstream serves model `{model}`")]
     UnknownModel { model: String },
+    #[error("no local model is configured (see [local] and `kotaemon models install`)")]
+    NoLocalModel,
     #[error("no upstream is named `{name}`")]
     UnknownUpstream { name: String },
     #[error(
@@ -86,6 +88,20 @@ pub enum PoolError {
     Failed { last: UpstreamError, attempts: u32 },
 }
 
+impl PoolError {
+    /// Could the local model stand in? Yes when the cloud is down, open, busy or too slow
+    /// before its first byte; no when the request itself was refused or time is up.
+    pub fn cloud_unavailable(&self) -> bool {
+        match self {
+            PoolError::Unavailable { .. } => true,
+            PoolError::Failed { last, .. } => last.retryable(),
+            PoolError::UnknownModel { .. }
+            | PoolError::UnknownUpstream { .. }
+            | PoolError::NoLocalModel => false,
+        }
+    }
+}
+
 /// One upstream in the pool with its breaker, load and health.
 pub struct Member {
     pub upstream: Arc<dyn Upstream>,
@@ -93,6 +109,9 @@ pub struct Member {
     /// Client model name -> upstream model name; empty = pass names through.
     pub models: BTreeMap<String, String>,
     pub breaker: Breaker,
+    /// The on-device model: only chosen when a turn is routed local (by the router, the
+    /// client, or fallback), never as a cloud candidate.
+    pub is_local: bool,
     inflight: AtomicUsize,
     healthy: AtomicBool,
     cooldown_until: Mutex<Option<Instant>>,
@@ -111,6 +130,7 @@ impl Member {
             weight: weight.max(1),
             models,
             breaker,
+            is_local: false,
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             cooldown_until: Mutex::new(None),
@@ -143,9 +163,16 @@ impl Member {
         lock(&self.discovered).clone()
     }
 
-    /// The upstream's name for `model`, if it serves it.
+    /// Marks this member as the on-device model.
+    pub fn local(mut self) -> Self {
+        self.is_local = true;
+        self
+    }
+
+    /// The upstream's name for `model`, if it serves it. The local model answers whatever
+    /// name a turn routed to it carries.
     fn upstream_model(&self, model: &str) -> Option<String> {
-        if self.models.is_empty() {
+        if self.models.is_empty() || self.is_local {
             Some(model.to_string())
         } else {
             self.models.get(model).cloned()
@@ -267,11 +294,31 @@ impl Pool {
     }
 
     /// Is at least one upstream able to take a call right now?
+    /// Is at least one upstream (cloud or local) able to take a call right now?
     pub fn is_ready(&self) -> bool {
-        let now = Instant::now();
+        self.members.iter().any(|m| self.admitting(m))
+    }
+
+    /// Is at least one cloud upstream able to take a call right now?
+    pub fn cloud_ready(&self) -> bool {
         self.members
             .iter()
-            .any(|m| m.is_healthy() && m.breaker.is_admitting() && m.cooling_for(now).is_none())
+            .any(|m| !m.is_local && self.admitting(m))
+    }
+
+    pub fn has_local(&self) -> bool {
+        self.members.iter().any(|m| m.is_local)
+    }
+
+    /// Does `model` name the local model (so asking for it by name routes local)?
+    pub fn is_local_model_name(&self, model: &str) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.is_local && m.name().as_ref() == model)
+    }
+
+    fn admitting(&self, m: &Member) -> bool {
+        m.is_healthy() && m.breaker.is_admitting() && m.cooling_for(Instant::now()).is_none()
     }
 
     /// Models clients may ask for: configured names, plus what pass-through upstreams report.
@@ -294,6 +341,7 @@ impl Pool {
         &self,
         model: &str,
         hints: &RouteHints,
+        route: Route,
     ) -> Result<Vec<(Arc<Member>, String)>, PoolError> {
         let pinned = match &hints.upstream {
             Some(name) => Some(
@@ -304,15 +352,20 @@ impl Pool {
             ),
             None => None,
         };
+        let local = route == Route::Local;
         let list: Vec<_> = self
             .members
             .iter()
+            .filter(|m| m.is_local == local)
             .filter(|m| pinned.is_none_or(|p| Arc::ptr_eq(p, m)))
             .filter_map(|m| m.upstream_model(model).map(|um| (m.clone(), um)))
             .collect();
         if list.is_empty() {
-            return Err(PoolError::UnknownModel {
-                model: model.to_string(),
+            return Err(match route {
+                Route::Local => PoolError::NoLocalModel,
+                Route::Cloud => PoolError::UnknownModel {
+                    model: model.to_string(),
+                },
             });
         }
         Ok(list)
@@ -393,6 +446,7 @@ impl Pool {
         ctx: &TurnCtx,
         request: &ChatRequest,
         hints: &RouteHints,
+        route: Route,
         deadline: Deadline,
         call: impl for<'a> Fn(
             &'a dyn Upstream,
@@ -400,7 +454,7 @@ impl Pool {
             &'a str,
         ) -> BoxFuture<'a, Result<T, UpstreamError>>,
     ) -> Result<(T, Attempt, Served), PoolError> {
-        let candidates = self.candidates(&request.model, hints)?;
+        let candidates = self.candidates(&request.model, hints, route)?;
         let mut tried = vec![false; candidates.len()];
         self.budget.deposit();
         let mut last: Option<UpstreamError> = None;
@@ -497,12 +551,18 @@ impl Pool {
         ctx: &TurnCtx,
         request: &ChatRequest,
         hints: &RouteHints,
+        route: Route,
         deadline: Deadline,
     ) -> Result<(Completion, Served), PoolError> {
         let (completion, attempt, served) = self
-            .attempt(ctx, request, hints, deadline, move |up, req, model| {
-                up.complete(req, model, deadline)
-            })
+            .attempt(
+                ctx,
+                request,
+                hints,
+                route,
+                deadline,
+                move |up, req, model| up.complete(req, model, deadline),
+            )
             .await?;
         ctx.emit(TurnEvent::UpstreamFinished {
             turn: ctx.id.clone(),
@@ -521,12 +581,18 @@ impl Pool {
         ctx: &TurnCtx,
         request: &ChatRequest,
         hints: &RouteHints,
+        route: Route,
         deadline: Deadline,
     ) -> Result<(ChunkStream, Served), PoolError> {
         let (stream, attempt, served) = self
-            .attempt(ctx, request, hints, deadline, move |up, req, model| {
-                up.stream(req, model, deadline)
-            })
+            .attempt(
+                ctx,
+                request,
+                hints,
+                route,
+                deadline,
+                move |up, req, model| up.stream(req, model, deadline),
+            )
             .await?;
         let ttft = attempt.started.elapsed();
         let watch = StreamWatch {

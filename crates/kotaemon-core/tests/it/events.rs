@@ -11,6 +11,8 @@ fn name(e: &TurnEvent) -> String {
             stage, decision, ..
         } => format!("stage({stage}:{decision})"),
         TurnEvent::RuleMatched { intent, .. } => format!("rule({intent})"),
+        TurnEvent::Routed { route, reason, .. } => format!("routed({}:{reason})", route.as_str()),
+        TurnEvent::Degraded { reason, .. } => format!("degraded({reason})"),
         TurnEvent::UpstreamAttempt { attempt, .. } => format!("attempt({attempt})"),
         TurnEvent::UpstreamFinished { outcome, ttft, .. } => {
             format!("upstream_finished({outcome}, ttft={})", ttft.is_some())
@@ -43,6 +45,8 @@ async fn sequence(agent: &Agent, body: serde_json::Value) -> Vec<String> {
             TurnEvent::TurnStarted { turn: t, .. }
             | TurnEvent::StageDecided { turn: t, .. }
             | TurnEvent::RuleMatched { turn: t, .. }
+            | TurnEvent::Routed { turn: t, .. }
+            | TurnEvent::Degraded { turn: t, .. }
             | TurnEvent::UpstreamAttempt { turn: t, .. }
             | TurnEvent::UpstreamFinished { turn: t, .. }
             | TurnEvent::Retry { turn: t, .. }
@@ -70,6 +74,7 @@ async fn event_sequences_of_whole_turns() {
         sequence(&agent, ask(false)).await,
         [
             "turn_started(stream=false)",
+            "routed(cloud:no_local_model)",
             "stage(llm:cloud)",
             "attempt(1)",
             "upstream_finished(ok, ttft=false)",
@@ -82,6 +87,7 @@ async fn event_sequences_of_whole_turns() {
         sequence(&agent, ask(true)).await,
         [
             "turn_started(stream=true)",
+            "routed(cloud:no_local_model)",
             "stage(llm:cloud)",
             "attempt(1)",
             "overhead",
@@ -98,6 +104,7 @@ async fn event_sequences_of_whole_turns() {
         sequence(&agent, ask(false)).await,
         [
             "turn_started(stream=false)",
+            "routed(cloud:no_local_model)",
             "stage(llm:cloud)",
             "attempt(1)",
             "upstream_finished(upstream_server_error, ttft=false)",
