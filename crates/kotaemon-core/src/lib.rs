@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod events;
+pub mod models;
 pub mod pipeline;
 pub mod stages;
 pub mod turn;

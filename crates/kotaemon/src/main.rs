@@ -3,6 +3,7 @@
 mod bench;
 mod cli_turn;
 mod doctor;
+mod models_cli;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -60,6 +61,14 @@ enum Command {
     },
     /// Check the configuration, secrets, file permissions and every upstream.
     Doctor,
+    /// Install, list and verify model files.
+    Models {
+        /// Models directory (default: $KOTAEMON_MODELS_DIR or ~/.local/share/kotaemon/models).
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: models_cli::ModelsCmd,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -171,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Models { dir, cmd } => models_cli::run(cmd, dir).await,
         Command::Doctor => doctor::run(cli.config.as_deref()).await,
         Command::Bench { which } => bench::run(which).await,
         Command::FakeUpstream {

@@ -394,3 +394,83 @@ async fn fake_upstream_subcommand_prints_its_address_and_follows_its_script() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("invalid --default-script"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_install_own_files_from_a_path_and_a_url_with_checksums() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let file = dir.path().join("my-model.gguf");
+    std::fs::write(&file, b"GGUF pretend weights").unwrap();
+    let sum = kotaemon_core::models::sha256_file(&file).unwrap().0;
+    let m = models.clone();
+    let f = file.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin()
+            .args(["models", "--dir"])
+            .arg(&m)
+            .args(["install", "mine", "--sha256", &"0".repeat(64), "--from"])
+            .arg(&f))
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("checksum mismatch"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Serve the file once over HTTP, as a user's download URL would.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/my-model.gguf", listener.local_addr().unwrap());
+    let body = std::fs::read(&file).unwrap();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(&body).await.unwrap();
+    });
+    let m = models.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin()
+            .args(["models", "--dir"])
+            .arg(&m)
+            .args(["install", "mine", "--sha256", &sum, "--from", &url]))
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(models.join("mine/my-model.gguf")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    let m = models.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin()
+            .args(["models", "--dir"])
+            .arg(&m)
+            .args(["verify", "mine"]))
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    std::fs::write(models.join("mine/my-model.gguf"), b"corrupted").unwrap();
+    let out = run(bin()
+        .args(["models", "--dir"])
+        .arg(&models)
+        .args(["verify", "mine"]));
+    assert!(!out.status.success());
+    assert!(text(&out.stdout).contains("checksum mismatch"));
+    let out = run(bin()
+        .args(["models", "--dir"])
+        .arg(&models)
+        .args(["install", "no-such-catalogue-model"]));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not in the catalogue"));
+}
