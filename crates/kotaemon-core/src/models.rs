@@ -122,17 +122,25 @@ pub struct ManifestFile {
     pub bytes: u64,
 }
 
-/// The default models directory: `$KOTAEMON_MODELS_DIR`, else `$XDG_DATA_HOME/kotaemon/models`,
-/// else `~/.local/share/kotaemon/models`.
-pub fn default_models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KOTAEMON_MODELS_DIR") {
+/// The agent's data directory: `$KOTAEMON_DATA_DIR`, else `$XDG_DATA_HOME/kotaemon`, else
+/// `~/.local/share/kotaemon`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KOTAEMON_DATA_DIR") {
         return d.into();
     }
-    let data = std::env::var_os("XDG_DATA_HOME")
+    std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("/var/lib"));
-    data.join("kotaemon/models")
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join("kotaemon")
+}
+
+/// The default models directory: `$KOTAEMON_MODELS_DIR`, else `<data dir>/models`.
+pub fn default_models_dir() -> PathBuf {
+    match std::env::var_os("KOTAEMON_MODELS_DIR") {
+        Some(d) => d.into(),
+        None => default_data_dir().join("models"),
+    }
 }
 
 pub fn sha256_file(path: &Path) -> Result<(String, u64), ModelError> {
@@ -176,6 +184,13 @@ pub fn resolve(reference: &str, models_dir: &Path) -> Result<PathBuf, ModelError
         };
     }
     let dir = models_dir.join(reference);
+    // An embedding model laid out by hand (config.json, tokenizer.json, model.safetensors).
+    if !dir.join("manifest.json").exists()
+        && dir.join("model.safetensors").is_file()
+        && dir.join("tokenizer.json").is_file()
+    {
+        return Ok(dir);
+    }
     if !dir.join("manifest.json").exists() {
         return Err(if catalog_entry(reference).is_some() || dir.exists() {
             ModelError::NotInstalled(reference.to_string())

@@ -142,6 +142,11 @@ impl Route {
 pub struct RouteHints {
     pub upstream: Option<String>,
     pub route: Option<Route>,
+    /// `x-kotaemon-cache: bypass | refresh`.
+    pub cache: Option<crate::stages::cache::Directive>,
+    /// Which client key authenticated the turn ("key#N"), so clients never share cache
+    /// entries. `None` when the API is open.
+    pub client: Option<String>,
 }
 
 pub struct Turn {

@@ -8,6 +8,7 @@ use crate::config::{Secret, SecretRef};
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent, TurnOutcome};
 use crate::pipeline::Pipeline;
+use crate::stages::cache::Directive;
 use crate::turn::{Origin, Reply, Route, Turn, TurnMeta};
 use crate::upstream::pool::Pool;
 use crate::wire::{ChatRequest, ModelEntry, ModelList};
@@ -138,7 +139,11 @@ async fn count_requests(request: Request, next: Next) -> Response {
     response
 }
 
-async fn require_key(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// Which configured key authenticated a request: its index, never the key.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientKey(pub usize);
+
+async fn require_key(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     if state.keys.is_empty() {
         return next.run(request).await;
     }
@@ -150,20 +155,26 @@ async fn require_key(State(state): State<ApiState>, request: Request, next: Next
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
-    match presented {
-        None => ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
-            .into_response(),
-        // Compare against every key, without short-circuit, so timing says nothing.
-        Some(key)
-            if state
-                .keys
-                .iter()
-                .fold(false, |ok, k| ok | k.matches(key.as_bytes())) =>
-        {
+        .map(str::trim)
+        .map(str::to_owned);
+    let Some(key) = presented else {
+        return ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+            .into_response();
+    };
+    // Compare against every key, without short-circuit, so timing says nothing.
+    let matched = state.keys.iter().enumerate().fold(None, |found, (i, k)| {
+        if k.matches(key.as_bytes()) {
+            Some(i)
+        } else {
+            found
+        }
+    });
+    match matched {
+        Some(i) => {
+            request.extensions_mut().insert(ClientKey(i));
             next.run(request).await
         }
-        Some(_) => ApiError::unauthorized("invalid API key").into_response(),
+        None => ApiError::unauthorized("invalid API key").into_response(),
     }
 }
 
@@ -239,6 +250,7 @@ fn field_path(path: &str, message: &str) -> Option<String> {
 
 async fn chat_completions(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<ClientKey>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -260,6 +272,19 @@ async fn chat_completions(
             return ApiError::bad_request(
                 "invalid_route",
                 "x-kotaemon-route must be `local` or `cloud`",
+            )
+            .into_response()
+        }
+    };
+    turn.hints.client = client.map(|k| format!("key#{}", k.0 .0));
+    turn.hints.cache = match headers.get(CACHE_HEADER).map(|v| v.to_str().unwrap_or("")) {
+        None => None,
+        Some("bypass") => Some(Directive::Bypass),
+        Some("refresh") => Some(Directive::Refresh),
+        Some(_) => {
+            return ApiError::bad_request(
+                "invalid_cache_directive",
+                "x-kotaemon-cache must be `bypass` or `refresh`",
             )
             .into_response()
         }

@@ -7,6 +7,7 @@ pub mod secret;
 
 use crate::api::ServerConfig;
 use crate::stages::StagesConfig;
+use crate::upstream::local_config::LocalConfig;
 use crate::upstream::pool::PoolConfig;
 use crate::upstream::UpstreamConfig;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,8 @@ pub struct Config {
     pub pool: PoolConfig,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub local: LocalConfig,
     #[serde(default)]
     pub stages: StagesConfig,
 }
@@ -125,9 +128,10 @@ impl Config {
         let mut p = Vec::new();
         self.server.validate("server", &mut p);
         self.pool.validate("pool", &mut p);
-        if self.upstreams.is_empty() {
-            p.push("upstreams: at least one upstream is needed".into());
+        if self.upstreams.is_empty() && !self.local.enabled {
+            p.push("upstreams: at least one upstream (or the local model) is needed".into());
         }
+        self.local.validate("local", &mut p);
         let mut names = std::collections::HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
             u.validate(&format!("upstreams[{i}]"), &mut p);

@@ -23,10 +23,22 @@ pub const OVERHEAD: &str = "kotaemon_gateway_overhead_seconds";
 pub const STAGE_DECISIONS: &str = "kotaemon_stage_decisions_total";
 pub const EVENTS_DROPPED: &str = "kotaemon_events_dropped_total";
 pub const RULE_MATCHES: &str = "kotaemon_rule_matches_total";
+pub const CACHE_LOOKUPS: &str = "kotaemon_cache_lookups_total";
+pub const CACHE_SIMILARITY: &str = "kotaemon_cache_hit_similarity";
+pub const CACHE_LOOKUP_TIME: &str = "kotaemon_cache_lookup_seconds";
+pub const CACHE_GUARD: &str = "kotaemon_cache_guard_refusals_total";
+pub const LOCAL_LOAD: &str = "kotaemon_local_model_load_seconds";
+pub const LOCAL_SIZE: &str = "kotaemon_local_model_size_bytes";
+pub const LOCAL_TPS: &str = "kotaemon_local_tokens_per_second";
+pub const LOCAL_QUEUE: &str = "kotaemon_local_queue_depth";
+pub const LOCAL_QUEUE_WAIT: &str = "kotaemon_local_queue_wait_seconds";
 pub const ROUTE_DECISIONS: &str = "kotaemon_route_decisions_total";
 pub const DEGRADED: &str = "kotaemon_degraded_turns_total";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
+pub const SIMILARITY_BUCKETS: &[f64] = &[
+    0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0,
+];
 pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
 ];
@@ -95,6 +107,42 @@ pub fn describe() {
     );
     describe_counter!(EVENTS_DROPPED, "Events a slow subscriber missed.");
     describe_counter!(RULE_MATCHES, "Turns answered by a local rule, by intent.");
+    describe_counter!(
+        CACHE_LOOKUPS,
+        "Cache lookups, by outcome (hit-exact, hit-semantic, miss, miss-guarded, skipped-…)."
+    );
+    describe_histogram!(
+        CACHE_SIMILARITY,
+        "Cosine similarity of semantic cache hits."
+    );
+    describe_histogram!(
+        CACHE_LOOKUP_TIME,
+        Unit::Seconds,
+        "Cache lookup time (embedding included), by result."
+    );
+    describe_counter!(
+        CACHE_GUARD,
+        "Semantic near-misses the precision guard refused, by reason."
+    );
+    describe_gauge!(
+        LOCAL_LOAD,
+        Unit::Seconds,
+        "Time the local model took to load."
+    );
+    describe_gauge!(LOCAL_SIZE, Unit::Bytes, "Size of the local model file.");
+    describe_histogram!(
+        LOCAL_TPS,
+        "Local model speed per turn, by phase (prompt, generation)."
+    );
+    describe_gauge!(
+        LOCAL_QUEUE,
+        "Turns waiting for the local model when the last one was queued."
+    );
+    describe_histogram!(
+        LOCAL_QUEUE_WAIT,
+        Unit::Seconds,
+        "Time turns waited for the local model."
+    );
     describe_counter!(ROUTE_DECISIONS, "Router decisions, by route and reason.");
     describe_counter!(
         DEGRADED,
@@ -113,6 +161,16 @@ pub fn record(event: &TurnEvent) {
             counter!(ROUTE_DECISIONS, "route" => route.as_str(), "reason" => *reason).increment(1)
         }
         TurnEvent::Degraded { reason, .. } => counter!(DEGRADED, "reason" => *reason).increment(1),
+        TurnEvent::CacheLookup {
+            outcome,
+            similarity,
+            ..
+        } => {
+            counter!(CACHE_LOOKUPS, "outcome" => *outcome).increment(1);
+            if let Some(s) = similarity {
+                histogram!(CACHE_SIMILARITY).record(*s as f64);
+            }
+        }
         TurnEvent::RuleMatched { intent, .. } => {
             counter!(RULE_MATCHES, "intent" => intent.to_string()).increment(1)
         }
@@ -212,4 +270,35 @@ impl Drop for ActiveStreamGuard {
     fn drop(&mut self) {
         gauge!(ACTIVE_STREAMS).decrement(1.0);
     }
+}
+
+pub fn local_model_loaded(load: std::time::Duration, size_bytes: u64) {
+    gauge!(LOCAL_LOAD).set(load.as_secs_f64());
+    gauge!(LOCAL_SIZE).set(size_bytes as f64);
+}
+
+pub fn local_queue_depth(depth: usize) {
+    gauge!(LOCAL_QUEUE).set(depth as f64);
+}
+
+#[cfg(feature = "llama")]
+pub fn local_generation(stats: &kotaemon_llama::GenStats) {
+    let rate = |tokens: u32, d: std::time::Duration| {
+        (d.as_secs_f64() > 0.0).then(|| tokens as f64 / d.as_secs_f64())
+    };
+    if let Some(r) = rate(stats.prompt_tokens, stats.prompt_time) {
+        histogram!(LOCAL_TPS, "phase" => "prompt").record(r);
+    }
+    if let Some(r) = rate(stats.completion_tokens, stats.generation_time) {
+        histogram!(LOCAL_TPS, "phase" => "generation").record(r);
+    }
+    histogram!(LOCAL_QUEUE_WAIT).record(stats.queue_wait.as_secs_f64());
+}
+
+pub fn cache_lookup_time(result: &'static str, d: std::time::Duration) {
+    histogram!(CACHE_LOOKUP_TIME, "result" => result).record(d.as_secs_f64());
+}
+
+pub fn cache_guard_refusal(reason: &'static str) {
+    counter!(CACHE_GUARD, "reason" => reason).increment(1);
 }

@@ -53,6 +53,13 @@ pub enum TurnEvent {
         turn: TurnId,
         reason: &'static str,
     },
+    /// The cache was consulted: `outcome` is hit-exact, hit-semantic, miss, miss-guarded,
+    /// bypass, refresh, timeout, error or skipped-….
+    CacheLookup {
+        turn: TurnId,
+        outcome: &'static str,
+        similarity: Option<f32>,
+    },
     /// A local rule answered the turn.
     RuleMatched {
         turn: TurnId,

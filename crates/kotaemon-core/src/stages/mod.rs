@@ -2,11 +2,13 @@
 //! configures stages; it cannot reorder them. Later stages (PII guard, rules, cache, router,
 //! tool loop, voice reply) slot into `build` at their place in the order.
 
+pub mod cache;
 pub mod llm;
 pub mod router;
 pub mod rules;
 pub mod system_prompt;
 
+use crate::embedding;
 use crate::pipeline::{Pipeline, Stage};
 use crate::upstream::pool::Pool;
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,7 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields, default)]
 pub struct StagesConfig {
     pub rules: rules::RulesConfig,
+    pub cache: cache::CacheConfig,
     pub router: router::RouterConfig,
     pub system_prompt: system_prompt::SystemPromptConfig,
     pub llm: llm::LlmConfig,
@@ -34,7 +37,13 @@ pub struct StageDeps {
 }
 
 /// Builds the pipeline in canonical order; every problem is reported with its key path.
-pub fn build(config: &StagesConfig, deps: &StageDeps) -> Result<Pipeline, Vec<String>> {
+/// Optional parts that cannot start (an unreadable cache file, a missing embedding model) are
+/// left out and returned as warnings: the agent still serves.
+pub fn build(
+    config: &StagesConfig,
+    deps: &StageDeps,
+) -> Result<(Pipeline, Vec<String>), Vec<String>> {
+    let mut warnings = Vec::new();
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
     let mut problems = Vec::new();
     // Local rules first: instant answers never wait for anything else.
@@ -42,6 +51,23 @@ pub fn build(config: &StagesConfig, deps: &StageDeps) -> Result<Pipeline, Vec<St
         Ok(Some(s)) => stages.push(Arc::new(s)),
         Ok(None) => {}
         Err(mut p) => problems.append(&mut p),
+    }
+    if config.cache.enabled {
+        let embed = if config.cache.semantic {
+            match embedding::load(&config.cache.embedding_model) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    warnings.push(format!("cache: semantic matching off: {e}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match cache::Cache::new(&config.cache, embed) {
+            Ok(c) => stages.push(Arc::new(c)),
+            Err(e) => warnings.push(format!("cache disabled: {e}")),
+        }
     }
     match router::Router::new(&config.router, deps.pool.clone()) {
         Ok(Some(s)) => stages.push(Arc::new(s)),
@@ -55,8 +81,11 @@ pub fn build(config: &StagesConfig, deps: &StageDeps) -> Result<Pipeline, Vec<St
     }
     // Innermost: the model, cloud or local (the tool loop arrives here later).
     stages.push(Arc::new(llm::Llm::new(&config.llm, deps.pool.clone())));
+    for w in &warnings {
+        tracing::error!("{w}");
+    }
     if problems.is_empty() {
-        Ok(Pipeline::new(stages))
+        Ok((Pipeline::new(stages), warnings))
     } else {
         Err(problems)
     }

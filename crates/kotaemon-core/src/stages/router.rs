@@ -70,7 +70,9 @@ impl Router {
     pub fn decide(&self, turn: &Turn) -> Decision {
         let local_available = self.pool.has_local();
         match turn.hints.route {
-            Some(Route::Local) if local_available => return (Route::Local, "forced_header"),
+            // Forced local stays local even without a model (the client may not want the
+            // cloud to see this turn): the llm stage then answers 503 no_local_model.
+            Some(Route::Local) => return (Route::Local, "forced_header"),
             Some(Route::Cloud) => return (Route::Cloud, "forced_header"),
             _ => {}
         }

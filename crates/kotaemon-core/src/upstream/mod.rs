@@ -6,6 +6,9 @@
 pub mod auth;
 pub mod breaker;
 pub mod health;
+#[cfg(feature = "llama")]
+pub mod local;
+pub mod local_config;
 pub mod openai;
 pub mod pool;
 

@@ -11,6 +11,7 @@ fn name(e: &TurnEvent) -> String {
             stage, decision, ..
         } => format!("stage({stage}:{decision})"),
         TurnEvent::RuleMatched { intent, .. } => format!("rule({intent})"),
+        TurnEvent::CacheLookup { outcome, .. } => format!("cache({outcome})"),
         TurnEvent::Routed { route, reason, .. } => format!("routed({}:{reason})", route.as_str()),
         TurnEvent::Degraded { reason, .. } => format!("degraded({reason})"),
         TurnEvent::UpstreamAttempt { attempt, .. } => format!("attempt({attempt})"),
@@ -45,6 +46,7 @@ async fn sequence(agent: &Agent, body: serde_json::Value) -> Vec<String> {
             TurnEvent::TurnStarted { turn: t, .. }
             | TurnEvent::StageDecided { turn: t, .. }
             | TurnEvent::RuleMatched { turn: t, .. }
+            | TurnEvent::CacheLookup { turn: t, .. }
             | TurnEvent::Routed { turn: t, .. }
             | TurnEvent::Degraded { turn: t, .. }
             | TurnEvent::UpstreamAttempt { turn: t, .. }

@@ -3,9 +3,11 @@
 
 mod api;
 mod auth;
+mod cache;
 mod events;
 mod faults;
 mod harness;
+mod local;
 mod pool;
 mod rules;
 mod tls;
