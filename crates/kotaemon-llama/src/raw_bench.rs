@@ -192,7 +192,9 @@ fn prompt_tokens(model: &LlamaModel, prompt: &RawPrompt) -> Result<Vec<LlamaToke
             let n = (*n).max(1) as usize;
             let filler = vocab.tokenize(FILLER.as_bytes(), false, false);
             if filler.is_empty() {
-                return Err(LlamaError::Template("filler text tokenizes to nothing".into()));
+                return Err(LlamaError::Template(
+                    "filler text tokenizes to nothing".into(),
+                ));
             }
             let mut tokens = Vec::with_capacity(n);
             tokens.push(vocab.bos());

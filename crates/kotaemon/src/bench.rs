@@ -20,6 +20,12 @@ use tokio::time::Instant;
 
 #[derive(Subcommand)]
 pub enum Which {
+    /// Local model speed: raw llama.cpp vs. our engine vs. through the agent (one run).
+    Local(crate::bench_local::Args),
+    /// Sentence-embedding speed of each installed embedding model.
+    Embed(crate::bench_local::EmbedArgs),
+    /// Cache precision on a labelled set, and lookup latency.
+    Cache(crate::bench_cache::Args),
     /// Added latency and throughput of the agent vs. the upstream called directly.
     Gateway {
         /// Request rates (per second) of the open-loop runs.
@@ -36,6 +42,9 @@ pub enum Which {
 
 pub async fn run(which: Which) -> anyhow::Result<ExitCode> {
     match which {
+        Which::Local(args) => crate::bench_local::run(args).await,
+        Which::Embed(args) => crate::bench_local::embed(args).await,
+        Which::Cache(args) => crate::bench_cache::run(args).await,
         Which::Gateway {
             rates,
             seconds,

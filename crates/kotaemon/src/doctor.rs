@@ -57,6 +57,13 @@ pub async fn run(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         "  ok    secrets resolve, pipeline builds: {}",
         app.pipeline.stage_names().join(" -> ")
     );
+    for w in &app.warnings {
+        failed = true;
+        println!("  FAIL  {w}");
+    }
+    if app.pool.has_local() {
+        println!("  ok    local model `{}` loaded", app.config.local.name);
+    }
     if app.config.server.api_keys.is_empty() && !app.config.server.listen.ip().is_loopback() {
         println!(
             "  WARN  server.listen is {} but no api_keys are set: the API is open to the network",

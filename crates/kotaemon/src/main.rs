@@ -1,6 +1,8 @@
 //! `kotaemon`: the edge agent's command line. `println!` lives here and nowhere else.
 
 mod bench;
+mod bench_cache;
+mod bench_local;
 mod cli_turn;
 mod doctor;
 mod models_cli;

@@ -47,6 +47,25 @@ fn now_s() -> i64 {
         .unwrap_or(0)
 }
 
+/// Dot product with 8 independent accumulators, so the compiler vectorizes it (a plain
+/// `sum()` is a serial dependency chain: ~5x slower at 100k entries).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 fn to_blob(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -189,7 +208,7 @@ impl Store {
         v.data
             .chunks_exact(self.dim)
             .zip(&v.ids)
-            .map(|(row, id)| (*id, row.iter().zip(query).map(|(a, b)| a * b).sum::<f32>()))
+            .map(|(row, id)| (*id, dot(row, query)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
     }
 
