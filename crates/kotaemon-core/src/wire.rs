@@ -147,6 +147,19 @@ impl ChatRequest {
         })
     }
 
+    /// The last user message's text, wherever the conversation is (rules and the router look
+    /// at it on every turn, follow-ups included).
+    pub fn last_user_text(&self) -> Option<&str> {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .and_then(|m| match &m.content {
+                Some(MessageContent::Text(t)) => Some(t.as_str()),
+                _ => None,
+            })
+    }
+
     /// Rough prompt size in characters, for accounting and routing signals.
     pub fn prompt_chars(&self) -> usize {
         self.messages

@@ -7,7 +7,6 @@ use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
 use crate::turn::{Reply, Route, Turn};
 use crate::upstream::pool::Pool;
-use crate::wire::{MessageContent, Role};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -94,26 +93,13 @@ impl Router {
         if turn.request.messages.len() > self.config.max_local_messages {
             return (Route::Cloud, "deep_conversation");
         }
-        let text = last_user_text(turn);
+        let text = turn.request.last_user_text().unwrap_or("");
         if complexity(text) < self.config.local_below_complexity {
             (Route::Local, "simple")
         } else {
             (Route::Cloud, "complex")
         }
     }
-}
-
-fn last_user_text(turn: &Turn) -> &str {
-    turn.request
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .and_then(|m| match &m.content {
-            Some(MessageContent::Text(t)) => Some(t.as_str()),
-            _ => None,
-        })
-        .unwrap_or("")
 }
 
 const QUESTION_WORDS: &[&str] = &[

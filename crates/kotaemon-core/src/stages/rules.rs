@@ -5,7 +5,7 @@
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
 use crate::turn::{Reply, Turn};
-use crate::wire::{LocalAnswer, MessageContent, Role, Usage};
+use crate::wire::{LocalAnswer, Usage};
 use async_trait::async_trait;
 use futures::StreamExt;
 use regex::{Regex, RegexBuilder};
@@ -192,19 +192,6 @@ fn render(
     out
 }
 
-/// The text the rules look at: the last user message, wherever the conversation is.
-fn last_user_text(turn: &Turn) -> Option<&str> {
-    turn.request
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .and_then(|m| match &m.content {
-            Some(MessageContent::Text(t)) => Some(t.as_str()),
-            _ => None,
-        })
-}
-
 /// Splits an answer into stream pieces at word boundaries (or per character for CJK), so a
 /// streamed rule answer looks like any other stream.
 pub fn stream_pieces(text: &str) -> Vec<&str> {
@@ -242,7 +229,7 @@ impl Stage for Rules {
         let eligible =
             turn.request.tools.is_none() && !turn.request.extra.contains_key("response_format");
         let matched = eligible
-            .then(|| last_user_text(&turn))
+            .then(|| turn.request.last_user_text())
             .flatten()
             .and_then(|text| self.answer(text, chrono::Local::now()));
         let Some((intent, text)) = matched else {
