@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 pub use chat::ROLES;
 pub use error::LlamaError;
-pub use raw_bench::{raw_bench, raw_bench_with, RawBench, RawPrompt};
+pub use raw_bench::{raw_bench, raw_bench_with, tokens_per_second, RawBench, RawPrompt};
 pub use types::{
     ChatTemplateSource, ChatTurn, EngineConfig, FinishReason, GenEvent, GenReceiver, GenStats,
     GenerateParams, ModelInfo, AUTO_N_CTX_CAP, DEFAULT_MAX_QUEUE, DEFAULT_N_BATCH,

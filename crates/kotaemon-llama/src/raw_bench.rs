@@ -48,14 +48,15 @@ pub struct RawBench {
 
 impl RawBench {
     pub fn prompt_tps(&self) -> f64 {
-        tps(self.prompt_tokens, self.prompt_time)
+        tokens_per_second(self.prompt_tokens, self.prompt_time)
     }
     pub fn gen_tps(&self) -> f64 {
-        tps(self.gen_tokens, self.gen_time)
+        tokens_per_second(self.gen_tokens, self.gen_time)
     }
 }
 
-fn tps(n: u32, t: Duration) -> f64 {
+/// Tokens per second, 0 when no time was measured (shared with the benches).
+pub fn tokens_per_second(n: u32, t: Duration) -> f64 {
     let s = t.as_secs_f64();
     if s > 0.0 {
         f64::from(n) / s

@@ -67,23 +67,7 @@ pub struct EmbedArgs {
 
 /// The resident set of this process, in MiB.
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-fn tps(n: u32, t: Duration) -> f64 {
-    let s = t.as_secs_f64();
-    if s > 0.0 {
-        f64::from(n) / s
-    } else {
-        0.0
-    }
+    crate::bench::rss_kib(std::process::id()).map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 fn pct(a: f64, b: f64) -> String {
@@ -233,8 +217,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let eng = PathFigures {
         prompt_tokens: s.prompt_tokens,
         completion_tokens: s.completion_tokens,
-        prompt_tps: tps(s.prompt_tokens, e_p),
-        gen_tps: tps(s.completion_tokens, e_g),
+        prompt_tps: kotaemon_llama::tokens_per_second(s.prompt_tokens, e_p),
+        gen_tps: kotaemon_llama::tokens_per_second(s.completion_tokens, e_g),
         load: engine_load,
         rss_mib: Some(engine_rss),
         note: format!("GenStats; finish {:?}", s.finish),
@@ -244,8 +228,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         prompt_tokens,
         completion_tokens,
         // Time to first token covers the prompt plus the first token (and HTTP).
-        prompt_tps: tps(prompt_tokens, a_ttft),
-        gen_tps: tps(completion_tokens.saturating_sub(1), a_rest),
+        prompt_tps: kotaemon_llama::tokens_per_second(prompt_tokens, a_ttft),
+        gen_tps: kotaemon_llama::tokens_per_second(completion_tokens.saturating_sub(1), a_rest),
         load: agent_load,
         rss_mib: Some(agent_rss),
         note: format!(
@@ -287,7 +271,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!();
     println!(
         "agent non-stream end to end: {:.1} completion t/s; raw prompt+gen {:.0} ms vs agent wall {:.0} ms ({}).",
-        tps(completion_tokens, a_wall),
+        kotaemon_llama::tokens_per_second(completion_tokens, a_wall),
         raw_e2e.as_secs_f64() * 1e3,
         a_wall.as_secs_f64() * 1e3,
         pct(raw_e2e.as_secs_f64(), a_wall.as_secs_f64()),
