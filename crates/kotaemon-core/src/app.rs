@@ -4,6 +4,7 @@
 
 use crate::api::{self, ApiState};
 use crate::config::{Config, ConfigError, Secret};
+use crate::cost::CloudBudget;
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent};
 use crate::pipeline::{Pipeline, TurnError};
@@ -144,7 +145,12 @@ impl App {
             }
         }
         let pool = Arc::new(Pool::new(members, config.pool.clone(), seed));
-        let pipeline = match stages::build(&config.stages, &StageDeps { pool: pool.clone() }) {
+        let budget = Arc::new(CloudBudget::new(&config.budget));
+        let deps = StageDeps {
+            pool: pool.clone(),
+            budget,
+        };
+        let pipeline = match stages::build(&config.stages, &deps) {
             Ok((p, mut w)) => {
                 warnings.append(&mut w);
                 Some(p)

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod cost;
 pub mod embedding;
 pub mod events;
 pub mod models;

@@ -65,14 +65,17 @@ impl ApiError {
         )
     }
     pub fn overloaded(retry_after: Duration) -> Self {
-        let mut e = Self::new(
+        Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
             "overloaded",
             "the agent is at its limit of concurrent turns; retry shortly",
-        );
-        e.retry_after = Some(retry_after);
-        e
+        )
+        .with_retry_after(retry_after)
+    }
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = Some(retry_after);
+        self
     }
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
@@ -134,6 +137,13 @@ impl From<TurnError> for ApiError {
                 "no_answering_stage",
                 e.to_string(),
             ),
+            TurnError::BudgetExhausted { resets_in } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+                e.to_string(),
+            )
+            .with_retry_after(resets_in),
         }
     }
 }
@@ -157,16 +167,13 @@ impl From<PoolError> for ApiError {
                 "no_local_model",
                 e.to_string(),
             ),
-            PoolError::Unavailable { retry_after } => {
-                let mut a = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "upstream_unavailable",
-                    e.to_string(),
-                );
-                a.retry_after = Some(retry_after.unwrap_or(Duration::from_secs(1)));
-                a
-            }
+            PoolError::Unavailable { retry_after } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "upstream_unavailable",
+                e.to_string(),
+            )
+            .with_retry_after(retry_after.unwrap_or(Duration::from_secs(1))),
             PoolError::Failed { last, attempts } => upstream_failure(last, *attempts),
         }
     }
@@ -181,14 +188,13 @@ fn upstream_failure(last: &UpstreamError, attempts: u32) -> ApiError {
             retry_after,
             ..
         } => {
-            let mut a = ApiError::new(
+            ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 code,
                 message,
-            );
-            a.retry_after = Some(retry_after.unwrap_or(Duration::from_secs(1)));
-            a
+            )
+            .with_retry_after(retry_after.unwrap_or(Duration::from_secs(1)))
         }
         UpstreamErrorKind::Status {
             status: 401 | 403, ..

@@ -6,6 +6,7 @@ mod env;
 pub mod secret;
 
 use crate::api::ServerConfig;
+use crate::cost::BudgetConfig;
 use crate::stages::StagesConfig;
 use crate::upstream::local_config::LocalConfig;
 use crate::upstream::pool::PoolConfig;
@@ -33,6 +34,8 @@ pub struct Config {
     pub local: LocalConfig,
     #[serde(default)]
     pub stages: StagesConfig,
+    #[serde(default)]
+    pub budget: BudgetConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +143,7 @@ impl Config {
             }
         }
         self.stages.validate("stages", &mut p);
+        self.budget.validate("budget", &mut p);
         if tracing_subscriber_filter_ok(&self.log.level).is_err() {
             p.push(format!(
                 "log.level: `{}` is not a valid filter",

@@ -21,6 +21,8 @@ pub enum TurnError {
     Pool(#[from] PoolError),
     #[error("the pipeline has no stage that answers (the last stage called next)")]
     NoAnsweringStage,
+    #[error("the cloud token budget is spent; it resets in {}s", .resets_in.as_secs())]
+    BudgetExhausted { resets_in: std::time::Duration },
 }
 
 /// The rest of the chain after the current stage.

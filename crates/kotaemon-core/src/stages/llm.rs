@@ -3,6 +3,7 @@
 //! first byte (down, breakers open, busy, too slow), the local model answers instead and the
 //! turn is marked degraded. The server-side tool loop joins here later.
 
+use crate::cost::{CloudBudget, OnExhausted};
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
 use crate::turn::{Reply, Route, Turn, TurnCtx};
@@ -30,19 +31,43 @@ impl Default for LlmConfig {
 
 pub struct Llm {
     pool: Arc<Pool>,
+    budget: Arc<CloudBudget>,
     fallback_to_local: bool,
 }
 
 impl Llm {
-    pub fn new(config: &LlmConfig, pool: Arc<Pool>) -> Self {
+    pub fn new(config: &LlmConfig, pool: Arc<Pool>, budget: Arc<CloudBudget>) -> Self {
         Llm {
             pool,
+            budget,
             fallback_to_local: config.fallback_to_local,
         }
     }
 
+    /// Enforces the cloud budget even without the router (which only reports the reason):
+    /// a cloud turn with the allowance spent goes local or is refused, per the policy.
+    fn within_budget(&self, turn: &Turn, route: Route) -> Result<Route, TurnError> {
+        let Some(spent) = self.budget.exhausted().filter(|_| route == Route::Cloud) else {
+            return Ok(route);
+        };
+        if spent.policy == OnExhausted::Local && self.pool.has_local() {
+            if turn.route != Some(Route::Local) {
+                turn.ctx.emit(TurnEvent::Degraded {
+                    turn: turn.id().clone(),
+                    reason: "budget_exhausted",
+                });
+                turn.ctx.annotate(|m| m.degraded = true);
+            }
+            return Ok(Route::Local);
+        }
+        Err(TurnError::BudgetExhausted {
+            resets_in: spent.resets_in,
+        })
+    }
+
     async fn call(&self, turn: &Turn, route: Route) -> Result<Reply, PoolError> {
         let ctx = turn.ctx.clone();
+        let budget = self.budget.clone();
         let (request, hints, deadline) = (&turn.request, &turn.hints, turn.deadline);
         if request.wants_stream() {
             let (stream, served) = self
@@ -53,7 +78,7 @@ impl Llm {
             let stream = stream.inspect(move |item| {
                 if let Ok(chunk) = item {
                     if let Some(usage) = chunk.usage() {
-                        account(&ctx, &served, usage);
+                        account(&ctx, &budget, &served, usage);
                     }
                 }
             });
@@ -64,14 +89,17 @@ impl Llm {
                 .complete(&ctx, request, hints, route, deadline)
                 .await?;
             if let Some(usage) = completion.usage() {
-                account(&ctx, &served, usage);
+                account(&ctx, &budget, &served, usage);
             }
             Ok(Reply::Complete(completion))
         }
     }
 }
 
-fn account(ctx: &TurnCtx, served: &Served, usage: Usage) {
+fn account(ctx: &TurnCtx, budget: &CloudBudget, served: &Served, usage: Usage) {
+    if !served.local {
+        budget.charge(usage.prompt_tokens + usage.completion_tokens);
+    }
     ctx.emit(TurnEvent::TokensUsed {
         turn: ctx.id.clone(),
         upstream: served.upstream.clone(),
@@ -95,6 +123,7 @@ impl Stage for Llm {
             } else {
                 Route::Cloud
             });
+        let route = self.within_budget(&turn, route)?;
         turn.ctx.emit(TurnEvent::StageDecided {
             turn: turn.id().clone(),
             stage: self.name(),

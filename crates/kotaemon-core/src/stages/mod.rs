@@ -8,6 +8,7 @@ pub mod router;
 pub mod rules;
 pub mod system_prompt;
 
+use crate::cost::CloudBudget;
 use crate::embedding;
 use crate::pipeline::{Pipeline, Stage};
 use crate::upstream::pool::Pool;
@@ -34,6 +35,7 @@ impl StagesConfig {
 /// What stages may be built from, besides their own config.
 pub struct StageDeps {
     pub pool: Arc<Pool>,
+    pub budget: Arc<CloudBudget>,
 }
 
 /// Builds the pipeline in canonical order; every problem is reported with its key path.
@@ -69,7 +71,7 @@ pub fn build(
             Err(e) => warnings.push(format!("cache disabled: {e}")),
         }
     }
-    match router::Router::new(&config.router, deps.pool.clone()) {
+    match router::Router::new(&config.router, deps.pool.clone(), deps.budget.clone()) {
         Ok(Some(s)) => stages.push(Arc::new(s)),
         Ok(None) => {}
         Err(mut p) => problems.append(&mut p),
@@ -80,7 +82,11 @@ pub fn build(
         Err(mut p) => problems.append(&mut p),
     }
     // Innermost: the model, cloud or local (the tool loop arrives here later).
-    stages.push(Arc::new(llm::Llm::new(&config.llm, deps.pool.clone())));
+    stages.push(Arc::new(llm::Llm::new(
+        &config.llm,
+        deps.pool.clone(),
+        deps.budget.clone(),
+    )));
     for w in &warnings {
         tracing::error!("{w}");
     }

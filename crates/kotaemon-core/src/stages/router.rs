@@ -3,6 +3,7 @@
 //! header. Clients can force a route with `x-kotaemon-route: local|cloud` or the local model's
 //! name.
 
+use crate::cost::{CloudBudget, OnExhausted};
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
 use crate::turn::{Reply, Route, Turn};
@@ -51,10 +52,15 @@ pub type Decision = (Route, &'static str);
 pub struct Router {
     config: RouterConfig,
     pool: Arc<Pool>,
+    budget: Arc<CloudBudget>,
 }
 
 impl Router {
-    pub fn new(config: &RouterConfig, pool: Arc<Pool>) -> Result<Option<Self>, Vec<String>> {
+    pub fn new(
+        config: &RouterConfig,
+        pool: Arc<Pool>,
+        budget: Arc<CloudBudget>,
+    ) -> Result<Option<Self>, Vec<String>> {
         let mut p = Vec::new();
         config.validate("stages.router", &mut p);
         if !p.is_empty() {
@@ -63,6 +69,7 @@ impl Router {
         Ok(config.enabled.then(|| Router {
             config: config.clone(),
             pool,
+            budget,
         }))
     }
 
@@ -72,8 +79,18 @@ impl Router {
             // Forced local stays local even without a model (the client may not want the
             // cloud to see this turn): the llm stage then answers 503 no_local_model.
             Some(Route::Local) => return (Route::Local, "forced_header"),
-            Some(Route::Cloud) => return (Route::Cloud, "forced_header"),
             _ => {}
+        }
+        // A spent budget outranks a client's wish for the cloud: that is what a budget is for.
+        // With no local model, the llm stage refuses the turn (429 insufficient_quota).
+        if let Some(spent) = self.budget.exhausted() {
+            return match (spent.policy, local_available) {
+                (OnExhausted::Local, true) => (Route::Local, "budget_exhausted"),
+                _ => (Route::Cloud, "budget_exhausted"),
+            };
+        }
+        if turn.hints.route == Some(Route::Cloud) {
+            return (Route::Cloud, "forced_header");
         }
         if !local_available {
             return (Route::Cloud, "no_local_model");
@@ -198,7 +215,8 @@ impl Stage for Router {
             route,
             reason,
         });
-        if reason == "cloud_unavailable" {
+        // Either way the user gets the small model instead of the one they would have had.
+        if route == Route::Local && matches!(reason, "cloud_unavailable" | "budget_exhausted") {
             turn.ctx.emit(TurnEvent::Degraded {
                 turn: turn.id().clone(),
                 reason,

@@ -257,6 +257,8 @@ impl Drop for Attempt {
 pub struct Served {
     pub upstream: Arc<str>,
     pub model_label: Arc<str>,
+    /// The local model answered (its tokens cost no cloud budget).
+    pub local: bool,
 }
 
 pub struct Pool {
@@ -509,6 +511,7 @@ impl Pool {
                     let served = Served {
                         upstream: member.name().clone(),
                         model_label: member.model_label(&request.model),
+                        local: member.is_local,
                     };
                     return Ok((value, attempt, served));
                 }

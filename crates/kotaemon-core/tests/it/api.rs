@@ -225,3 +225,24 @@ async fn openapi_document_describes_every_route() {
     }
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_budget_without_a_local_model_is_refused_with_429_insufficient_quota() {
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let agent = Agent::start(
+        &[("metered", &fake)],
+        "",
+        "[pool.health]\nenabled = false\n[budget]\ncloud_tokens_per_window = 1\nwindow_secs = 3600\non_exhausted = \"reject\"\n",
+    )
+    .await;
+    assert_eq!(agent.chat(ask(false)).await.status, 200);
+    for stream in [false, true] {
+        let refused = agent.chat(ask(stream)).await;
+        refused.assert_error(429);
+        assert_eq!(refused.error_code(), "insufficient_quota");
+        let retry: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((3500..=3600).contains(&retry), "resets within the hour: {retry}");
+    }
+    assert_eq!(fake.chat_request_count(), 1);
+    agent.stop().await;
+}
