@@ -49,6 +49,9 @@ install_test_deps() {
   install_build_deps
   # promtool (metrics lint) comes with Debian's prometheus package.
   apt_install prometheus ca-certificates
+  # Real services the tool tests talk to: a CalDAV server and an MQTT broker (the tests start
+  # their own instances on free ports; the packaged system services are not used).
+  apt_install radicale mosquitto
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install python3-venv
   fi

@@ -8,7 +8,9 @@ use crate::cost::CloudBudget;
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent};
 use crate::pipeline::{Pipeline, TurnError};
+use crate::plugins::{self, PluginDeps};
 use crate::stages::{self, StageDeps};
+use crate::tools::{self, ToolRegistry};
 use crate::turn::{Origin, Reply, Turn};
 use crate::upstream::breaker::Breaker;
 use crate::upstream::openai::OpenAiUpstream;
@@ -29,6 +31,8 @@ pub struct App {
     pub bus: EventBus,
     pub pool: Arc<Pool>,
     pub pipeline: Pipeline,
+    /// Tools the agent runs on the device (the tool loop and rules draw from it).
+    pub tools: Arc<ToolRegistry>,
     keys: Arc<[Secret]>,
     /// Parts that are configured but not serving (local model, cache), and why. The agent
     /// runs without them; `doctor` reports them.
@@ -146,9 +150,17 @@ impl App {
         }
         let pool = Arc::new(Pool::new(members, config.pool.clone(), seed));
         let budget = Arc::new(CloudBudget::new(&config.budget));
+        let tools = match tools::build(&config.tools) {
+            Ok(t) => t,
+            Err(mut p) => {
+                problems.append(&mut p);
+                Arc::new(ToolRegistry::new())
+            }
+        };
         let deps = StageDeps {
             pool: pool.clone(),
             budget,
+            tools: tools.clone(),
         };
         let pipeline = match stages::build(&config.stages, &deps) {
             Ok((p, mut w)) => {
@@ -174,6 +186,7 @@ impl App {
                     bus,
                     pool,
                     pipeline,
+                    tools,
                     keys: keys.into(),
                     warnings,
                     stop: CancellationToken::new(),
@@ -187,13 +200,20 @@ impl App {
         }
     }
 
-    /// Starts background work (health checks). Stopped by [`App::shutdown`].
+    /// Starts background work (health checks, MCP connections, plugins). Stopped by
+    /// [`App::shutdown`].
     pub fn start_background(&self) {
         self.tasks.spawn(health::run(
             self.pool.clone(),
             self.bus.clone(),
             self.stop.clone(),
         ));
+        let deps = PluginDeps {
+            pipeline: self.pipeline.clone(),
+            bus: self.bus.clone(),
+            turn_timeout: Duration::from_millis(self.config.server.turn_timeout_ms),
+        };
+        plugins::start(&self.config.plugins, &deps, &self.stop, &self.tasks);
     }
 
     pub fn router(&self) -> axum::Router {

@@ -45,6 +45,10 @@ impl fmt::Debug for TurnId {
 pub enum Origin {
     Api,
     Cli,
+    /// An utterance published on the MQTT command topic.
+    Mqtt,
+    /// An in-process plugin.
+    Plugin,
 }
 
 /// An absolute point in time every await of the turn respects. `tokio::time::Instant`, so

@@ -187,15 +187,13 @@ fn upstream_failure(last: &UpstreamError, attempts: u32) -> ApiError {
             status: 429,
             retry_after,
             ..
-        } => {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                code,
-                message,
-            )
-            .with_retry_after(retry_after.unwrap_or(Duration::from_secs(1)))
-        }
+        } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            code,
+            message,
+        )
+        .with_retry_after(retry_after.unwrap_or(Duration::from_secs(1))),
         UpstreamErrorKind::Status {
             status: 401 | 403, ..
         } => ApiError::new(

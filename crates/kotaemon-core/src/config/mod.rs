@@ -7,7 +7,9 @@ pub mod secret;
 
 use crate::api::ServerConfig;
 use crate::cost::BudgetConfig;
+use crate::plugins::PluginsConfig;
 use crate::stages::StagesConfig;
+use crate::tools::ToolsConfig;
 use crate::upstream::local_config::LocalConfig;
 use crate::upstream::pool::PoolConfig;
 use crate::upstream::UpstreamConfig;
@@ -36,6 +38,10 @@ pub struct Config {
     pub stages: StagesConfig,
     #[serde(default)]
     pub budget: BudgetConfig,
+    #[serde(default)]
+    pub tools: ToolsConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +150,7 @@ impl Config {
         }
         self.stages.validate("stages", &mut p);
         self.budget.validate("budget", &mut p);
+        self.plugins.validate("plugins", &mut p);
         if tracing_subscriber_filter_ok(&self.log.level).is_err() {
             p.push(format!(
                 "log.level: `{}` is not a valid filter",

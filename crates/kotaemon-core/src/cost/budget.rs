@@ -156,7 +156,11 @@ mod tests {
             Some(Duration::from_secs(15))
         );
         tokio::time::advance(Duration::from_secs(15)).await;
-        assert_eq!(b.exhausted(), None, "a new window starts with a full allowance");
+        assert_eq!(
+            b.exhausted(),
+            None,
+            "a new window starts with a full allowance"
+        );
         assert_eq!(b.used(), 0);
     }
 

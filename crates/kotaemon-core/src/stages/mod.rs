@@ -11,6 +11,7 @@ pub mod system_prompt;
 use crate::cost::CloudBudget;
 use crate::embedding;
 use crate::pipeline::{Pipeline, Stage};
+use crate::tools::ToolRegistry;
 use crate::upstream::pool::Pool;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ impl StagesConfig {
 pub struct StageDeps {
     pub pool: Arc<Pool>,
     pub budget: Arc<CloudBudget>,
+    pub tools: Arc<ToolRegistry>,
 }
 
 /// Builds the pipeline in canonical order; every problem is reported with its key path.

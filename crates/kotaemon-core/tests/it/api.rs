@@ -240,8 +240,15 @@ async fn spent_budget_without_a_local_model_is_refused_with_429_insufficient_quo
         let refused = agent.chat(ask(stream)).await;
         refused.assert_error(429);
         assert_eq!(refused.error_code(), "insufficient_quota");
-        let retry: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!((3500..=3600).contains(&retry), "resets within the hour: {retry}");
+        let retry: u64 = refused.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (3500..=3600).contains(&retry),
+            "resets within the hour: {retry}"
+        );
     }
     assert_eq!(fake.chat_request_count(), 1);
     agent.stop().await;

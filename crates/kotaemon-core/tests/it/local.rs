@@ -225,18 +225,23 @@ async fn missing_or_corrupt_model_keeps_the_cloud_path_serving() {
 async fn spent_cloud_budget_sends_turns_to_the_local_model() {
     let fake = FakeUpstream::bind_loopback().await.unwrap();
     // 20 tokens a day: the first cloud answer spends it.
-    let extra = "[stages.router]\nlocal_below_complexity = 0.0\n[budget]\ncloud_tokens_per_window = 20\n";
+    let extra =
+        "[stages.router]\nlocal_below_complexity = 0.0\n[budget]\ncloud_tokens_per_window = 20\n";
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[pool.health]\nenabled = false\n[[upstreams]]\nname = \"cloud\"\nbase_url = \"{}\"\n",
         local_toml(extra),
         fake.base_url()
     );
     let agent = Agent::start_toml(&toml).await;
-    let long_question = "Explain why the sea is salty, and compare it with lakes that are not, in detail";
+    let long_question =
+        "Explain why the sea is salty, and compare it with lakes that are not, in detail";
     let first = agent.chat(q(long_question, false)).await;
     assert_eq!(first.headers["x-kotaemon-answered-by"], "cloud");
     let used = first.json()["usage"]["total_tokens"].as_u64().unwrap();
-    assert!(used >= 20, "the scripted cloud answer spends the budget: {used}");
+    assert!(
+        used >= 20,
+        "the scripted cloud answer spends the budget: {used}"
+    );
     for stream in [false, true] {
         let reply = agent.chat(q(long_question, stream)).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
@@ -256,7 +261,11 @@ async fn spent_cloud_budget_sends_turns_to_the_local_model() {
     )
     .await;
     assert_eq!(forced.headers["x-kotaemon-answered-by"], "local");
-    assert_eq!(fake.chat_request_count(), 1, "the cloud saw only the first turn");
+    assert_eq!(
+        fake.chat_request_count(),
+        1,
+        "the cloud saw only the first turn"
+    );
     let metrics = metrics_text(&agent).await;
     assert!(
         metric(
