@@ -9,6 +9,7 @@ use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent};
 use crate::pipeline::{Pipeline, TurnError};
 use crate::plugins::{self, PluginDeps};
+use crate::stages::act::Act;
 use crate::stages::{self, StageDeps};
 use crate::tools::{self, ToolRegistry};
 use crate::turn::{Origin, Reply, Turn};
@@ -33,6 +34,8 @@ pub struct App {
     pub pipeline: Pipeline,
     /// Tools the agent runs on the device (the tool loop and rules draw from it).
     pub tools: Arc<ToolRegistry>,
+    /// The tool loop (pending actions are confirmed or rejected through it).
+    pub act: Option<Arc<Act>>,
     keys: Arc<[Secret]>,
     /// Parts that are configured but not serving (local model, cache), and why. The agent
     /// runs without them; `doctor` reports them.
@@ -157,10 +160,18 @@ impl App {
                 Arc::new(ToolRegistry::new())
             }
         };
+        let act = match Act::new(&config.stages.act, tools.clone()) {
+            Ok(a) => a.map(Arc::new),
+            Err(mut p) => {
+                problems.append(&mut p);
+                None
+            }
+        };
         let deps = StageDeps {
             pool: pool.clone(),
             budget,
             tools: tools.clone(),
+            act: act.clone(),
         };
         let pipeline = match stages::build(&config.stages, &deps) {
             Ok((p, mut w)) => {
@@ -187,6 +198,7 @@ impl App {
                     pool,
                     pipeline,
                     tools,
+                    act,
                     keys: keys.into(),
                     warnings,
                     stop: CancellationToken::new(),
@@ -208,12 +220,40 @@ impl App {
             self.bus.clone(),
             self.stop.clone(),
         ));
-        let deps = PluginDeps {
+        tools::mcp::spawn_connections(
+            &self.config.tools.mcp,
+            self.tools.clone(),
+            self.stop.clone(),
+            &self.tasks,
+        );
+        plugins::start(
+            &self.config.plugins,
+            &self.plugin_deps(),
+            &self.stop,
+            &self.tasks,
+        );
+    }
+
+    fn plugin_deps(&self) -> PluginDeps {
+        PluginDeps {
             pipeline: self.pipeline.clone(),
             bus: self.bus.clone(),
             turn_timeout: Duration::from_millis(self.config.server.turn_timeout_ms),
-        };
-        plugins::start(&self.config.plugins, &deps, &self.stop, &self.tasks);
+        }
+    }
+
+    /// Runs an in-process plugin on every bus event until the app shuts down (see
+    /// `examples/slow_turn_alarm.rs`).
+    pub fn spawn_event_component<C>(&self, component: Arc<C>)
+    where
+        C: plugins::Component<Input = Arc<TurnEvent>, Output = ()>,
+    {
+        plugins::spawn_event_component(component, &self.plugin_deps(), &self.stop, &self.tasks);
+    }
+
+    /// A handle plugins and embedders use to ask the agent (a whole turn).
+    pub fn agent_handle(&self) -> plugins::AgentHandle {
+        plugins::AgentHandle::new(self.plugin_deps())
     }
 
     pub fn router(&self) -> axum::Router {
@@ -225,6 +265,7 @@ impl App {
             metrics: metrics_handle(),
             turn_timeout: Duration::from_millis(self.config.server.turn_timeout_ms),
             turn_slots: Arc::new(Semaphore::new(self.config.server.max_concurrent_turns)),
+            act: self.act.clone(),
         };
         api::router(state, &self.config.server)
     }

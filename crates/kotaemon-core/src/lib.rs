@@ -11,6 +11,7 @@ pub mod cost;
 pub mod embedding;
 pub mod events;
 pub mod models;
+pub mod mqtt_conn;
 pub mod pipeline;
 pub mod plugins;
 pub mod stages;

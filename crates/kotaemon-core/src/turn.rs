@@ -51,6 +51,17 @@ pub enum Origin {
     Plugin,
 }
 
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Api => "api",
+            Origin::Cli => "cli",
+            Origin::Mqtt => "mqtt",
+            Origin::Plugin => "plugin",
+        }
+    }
+}
+
 /// An absolute point in time every await of the turn respects. `tokio::time::Instant`, so
 /// tests on a paused clock control it.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +133,11 @@ pub struct TurnMeta {
     pub cache_similarity: Option<f32>,
     /// The cloud was wanted but could not answer; the local model did.
     pub degraded: bool,
+    /// Server-side tools ran: the answer depends on the world, not just the question, so it
+    /// is never cached.
+    pub acted: bool,
+    /// A tool call waits for the user's confirmation (its action id).
+    pub pending_action: Option<String>,
 }
 
 /// Where a turn's model call goes.

@@ -248,6 +248,34 @@ impl LocalAnswer {
         }
     }
 
+    /// A complete upstream answer's text, to be streamed on (a step of the tool loop).
+    pub fn from_completion(c: &Completion) -> Self {
+        LocalAnswer {
+            id: c
+                .body
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("chatcmpl")
+                .to_string(),
+            model: c
+                .body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            text: c.content().unwrap_or("").to_string(),
+            finish_reason: c.finish_reason().unwrap_or("stop").to_string(),
+            usage: c.usage().unwrap_or_default(),
+        }
+    }
+
+    /// The answer's chunks without the opening role chunk: for a stream already under way.
+    pub fn chunks_after_role(&self) -> Vec<Chunk> {
+        let mut chunks = self.chunks(&[self.text.as_str()]);
+        chunks.remove(0);
+        chunks
+    }
+
     /// The answer as a stream: role, the text in pieces, finish, usage — like an upstream
     /// asked for `include_usage`.
     pub fn chunks(&self, pieces: &[&str]) -> Vec<Chunk> {
@@ -303,6 +331,96 @@ impl Completion {
             .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
     }
+    /// The assistant's `tool_calls`, when it asked for any.
+    pub fn tool_calls(&self) -> Option<&Vec<Value>> {
+        self.body
+            .pointer("/choices/0/message/tool_calls")
+            .and_then(Value::as_array)
+            .filter(|c| !c.is_empty())
+    }
+}
+
+impl ChatMessage {
+    /// The assistant's turn that asked for tools, as it goes back into the conversation.
+    pub fn assistant_tool_calls(text: Option<String>, calls: &[ToolCall]) -> Self {
+        let mut extra = Map::new();
+        extra.insert(
+            "tool_calls".into(),
+            Value::Array(
+                calls
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({"id": c.id, "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect(),
+            ),
+        );
+        ChatMessage {
+            role: Role::Assistant,
+            content: text.filter(|t| !t.is_empty()).map(MessageContent::Text),
+            extra,
+        }
+    }
+
+    /// A tool's result for the model.
+    pub fn tool_result(call_id: &str, content: String) -> Self {
+        let mut extra = Map::new();
+        extra.insert("tool_call_id".into(), Value::String(call_id.to_string()));
+        ChatMessage {
+            role: Role::Tool,
+            content: Some(MessageContent::Text(content)),
+            extra,
+        }
+    }
+}
+
+/// One tool call the model asked for; `arguments` is the raw JSON text it wrote (possibly
+/// malformed: the tool loop reports that back to the model).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCall {
+    /// From a complete message's `tool_calls[]` entry.
+    pub fn from_message(v: &Value) -> ToolCall {
+        let s = |p: &str| {
+            v.pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        ToolCall {
+            id: s("/id"),
+            name: s("/function/name"),
+            arguments: s("/function/arguments"),
+        }
+    }
+
+    /// Merges streamed `delta.tool_calls[]` pieces (by `index`) into whole calls.
+    pub fn merge_deltas(calls: &mut Vec<ToolCall>, deltas: &[Value]) {
+        for d in deltas {
+            let index = d.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            // A model that numbers its calls wildly must not make us allocate wildly.
+            let index = index.min(63);
+            if calls.len() <= index {
+                calls.resize(index + 1, ToolCall::default());
+            }
+            let call = &mut calls[index];
+            if let Some(id) = d.get("id").and_then(Value::as_str) {
+                call.id = id.to_string();
+            }
+            if let Some(name) = d.pointer("/function/name").and_then(Value::as_str) {
+                call.name.push_str(name);
+            }
+            if let Some(args) = d.pointer("/function/arguments").and_then(Value::as_str) {
+                call.arguments.push_str(args);
+            }
+        }
+    }
 }
 
 /// One `chat.completion.chunk` of a stream.
@@ -333,6 +451,12 @@ impl Chunk {
         if let Some(obj) = self.body.as_object_mut() {
             obj.remove("usage");
         }
+    }
+    /// Streamed pieces of tool calls in this chunk.
+    pub fn tool_call_deltas(&self) -> Option<&Vec<Value>> {
+        self.body
+            .pointer("/choices/0/delta/tool_calls")
+            .and_then(Value::as_array)
     }
     pub fn content_delta(&self) -> Option<&str> {
         self.body

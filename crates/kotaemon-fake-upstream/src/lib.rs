@@ -12,6 +12,7 @@
 mod chat;
 mod script;
 mod server;
+pub mod services;
 mod wire;
 
 pub use script::{Fault, Script, ScriptToolCall, DEFAULT_TEXT};

@@ -26,6 +26,8 @@ pub enum Which {
     Embed(crate::bench_local::EmbedArgs),
     /// Cache precision on a labelled set, and lookup latency.
     Cache(crate::bench_cache::Args),
+    /// The meeting-room scenario (tools, Radicale, simulated cloud), stage by stage.
+    Scenario(crate::bench_scenario::Args),
     /// Added latency and throughput of the agent vs. the upstream called directly.
     Gateway {
         /// Request rates (per second) of the open-loop runs.
@@ -45,6 +47,7 @@ pub async fn run(which: Which) -> anyhow::Result<ExitCode> {
         Which::Local(args) => crate::bench_local::run(args).await,
         Which::Embed(args) => crate::bench_local::embed(args).await,
         Which::Cache(args) => crate::bench_cache::run(args).await,
+        Which::Scenario(args) => crate::bench_scenario::run(args).await,
         Which::Gateway {
             rates,
             seconds,

@@ -144,6 +144,12 @@ impl From<TurnError> for ApiError {
                 e.to_string(),
             )
             .with_retry_after(resets_in),
+            TurnError::Tool { .. } => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "tool_internal_error",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::config::{Secret, SecretRef};
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent, TurnOutcome};
 use crate::pipeline::Pipeline;
+use crate::stages::act::{Act, ActError, Decision};
 use crate::stages::cache::Directive;
 use crate::turn::{Origin, Reply, Route, Turn, TurnMeta};
 use crate::upstream::pool::Pool;
@@ -35,6 +36,7 @@ pub const ROUTE_HEADER: &str = "x-kotaemon-route";
 pub const CACHE_HEADER: &str = "x-kotaemon-cache";
 pub const CACHE_SIMILARITY_HEADER: &str = "x-kotaemon-cache-similarity";
 pub const DEGRADED_HEADER: &str = "x-kotaemon-degraded";
+pub const PENDING_ACTION_HEADER: &str = "x-kotaemon-pending-action";
 /// Clients may pin a turn to one upstream by name.
 pub const UPSTREAM_HEADER: &str = "x-kotaemon-upstream";
 
@@ -86,12 +88,15 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     pub turn_timeout: Duration,
     pub turn_slots: Arc<Semaphore>,
+    /// The tool loop, for pending actions (None: no tools).
+    pub act: Option<Arc<Act>>,
 }
 
 pub fn router(state: ApiState, config: &ServerConfig) -> Router {
     let mut protected = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(list_models));
+        .route("/v1/models", get(list_models))
+        .route("/v1/kotaemon/actions/{id}", post(decide_action));
     let mut open = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -128,6 +133,7 @@ async fn count_requests(request: Request, next: Next) -> Response {
     {
         Some("/v1/chat/completions") => "/v1/chat/completions",
         Some("/v1/models") => "/v1/models",
+        Some("/v1/kotaemon/actions/{id}") => "/v1/kotaemon/actions",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -379,6 +385,78 @@ fn meta_headers(meta: &TurnMeta, headers: &mut HeaderMap) {
     }
     if meta.degraded {
         put(DEGRADED_HEADER, "true".to_string());
+    }
+    if let Some(id) = &meta.pending_action {
+        put(PENDING_ACTION_HEADER, id.clone());
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionDecision {
+    decision: Decision,
+}
+
+/// `POST /v1/kotaemon/actions/{id}` `{"decision": "confirm" | "reject"}`: resumes a turn whose
+/// tool calls wait for the user; answers with the turn's completion.
+async fn decide_action(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(act) = state.act.clone() else {
+        return ApiError::not_found("no tools are configured, so there are no actions")
+            .into_response();
+    };
+    let decision: ActionDecision = match body
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            return ApiError::bad_request(
+                "invalid_decision",
+                format!("body must be {{\"decision\": \"confirm\" | \"reject\"}}: {e}"),
+            )
+            .with_param("decision")
+            .into_response()
+        }
+    };
+    match act
+        .resume(
+            &id,
+            decision.decision,
+            state.bus.clone(),
+            state.turn_timeout,
+        )
+        .await
+    {
+        Ok((Reply::Complete(c), ctx)) => {
+            ctx.emit(TurnEvent::TurnFinished {
+                turn: ctx.id.clone(),
+                outcome: TurnOutcome::Ok,
+                elapsed: ctx.started.elapsed(),
+                stream: false,
+            });
+            let mut response = axum::Json(c.body).into_response();
+            if let Ok(v) = HeaderValue::from_str(ctx.id.as_str()) {
+                response.headers_mut().insert(TURN_ID_HEADER, v);
+            }
+            meta_headers(&ctx.meta(), response.headers_mut());
+            response
+        }
+        Ok((Reply::Stream(_), _)) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "unexpected_stream",
+            "a resumed action answered with a stream",
+        )
+        .into_response(),
+        Err(ActError::UnknownAction(_)) => ApiError::not_found(format!(
+            "no pending action `{id}` (unknown, already decided, or expired)"
+        ))
+        .into_response(),
+        Err(ActError::Turn(e)) => ApiError::from(e).into_response(),
     }
 }
 

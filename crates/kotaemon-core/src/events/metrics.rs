@@ -34,6 +34,8 @@ pub const LOCAL_QUEUE: &str = "kotaemon_local_queue_depth";
 pub const LOCAL_QUEUE_WAIT: &str = "kotaemon_local_queue_wait_seconds";
 pub const ROUTE_DECISIONS: &str = "kotaemon_route_decisions_total";
 pub const DEGRADED: &str = "kotaemon_degraded_turns_total";
+pub const TOOL_CALLS: &str = "kotaemon_tool_calls_total";
+pub const TOOL_DURATION: &str = "kotaemon_tool_duration_seconds";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
 pub const SIMILARITY_BUCKETS: &[f64] = &[
@@ -148,6 +150,11 @@ pub fn describe() {
         DEGRADED,
         "Turns the local model answered because the cloud could not, by reason."
     );
+    describe_counter!(
+        TOOL_CALLS,
+        "Tool calls the model asked for, by tool (registered name or `unknown`) and outcome."
+    );
+    describe_histogram!(TOOL_DURATION, Unit::Seconds, "Tool call time, by tool.");
 }
 
 pub fn record(event: &TurnEvent) {
@@ -161,6 +168,15 @@ pub fn record(event: &TurnEvent) {
             counter!(ROUTE_DECISIONS, "route" => route.as_str(), "reason" => *reason).increment(1)
         }
         TurnEvent::Degraded { reason, .. } => counter!(DEGRADED, "reason" => *reason).increment(1),
+        TurnEvent::ToolCalled {
+            tool,
+            outcome,
+            elapsed,
+            ..
+        } => {
+            counter!(TOOL_CALLS, "tool" => tool.to_string(), "outcome" => *outcome).increment(1);
+            histogram!(TOOL_DURATION, "tool" => tool.to_string()).record(elapsed.as_secs_f64());
+        }
         TurnEvent::CacheLookup {
             outcome,
             similarity,

@@ -4,6 +4,7 @@
 //!
 //! Events carry ids, names from config, counts, timings and codes — never user text or secrets.
 
+pub mod json;
 pub mod metrics;
 
 use crate::turn::{Origin, Route, TurnId};
@@ -88,6 +89,15 @@ pub enum TurnEvent {
     RetryBudgetExhausted {
         turn: TurnId,
     },
+    /// The tool loop ran (or refused to run) a tool the model asked for. `tool` is a
+    /// registered name or "unknown"; `outcome` is ok, invalid_arguments, failed, timeout,
+    /// internal, pending_confirmation or rejected.
+    ToolCalled {
+        turn: TurnId,
+        tool: Arc<str>,
+        outcome: &'static str,
+        elapsed: Duration,
+    },
     TokensUsed {
         turn: TurnId,
         upstream: Arc<str>,
@@ -115,6 +125,29 @@ pub enum TurnEvent {
         elapsed: Duration,
         stream: bool,
     },
+}
+
+impl TurnEvent {
+    /// The turn an event belongs to; `None` for events about upstreams.
+    pub fn turn_id(&self) -> Option<&TurnId> {
+        match self {
+            TurnEvent::TurnStarted { turn, .. }
+            | TurnEvent::StageDecided { turn, .. }
+            | TurnEvent::Routed { turn, .. }
+            | TurnEvent::Degraded { turn, .. }
+            | TurnEvent::CacheLookup { turn, .. }
+            | TurnEvent::RuleMatched { turn, .. }
+            | TurnEvent::UpstreamAttempt { turn, .. }
+            | TurnEvent::UpstreamFinished { turn, .. }
+            | TurnEvent::Retry { turn, .. }
+            | TurnEvent::RetryBudgetExhausted { turn }
+            | TurnEvent::ToolCalled { turn, .. }
+            | TurnEvent::TokensUsed { turn, .. }
+            | TurnEvent::Overhead { turn, .. }
+            | TurnEvent::TurnFinished { turn, .. } => Some(turn),
+            TurnEvent::BreakerChanged { .. } | TurnEvent::HealthChanged { .. } => None,
+        }
+    }
 }
 
 /// How a turn ended, as a bounded code for metrics.

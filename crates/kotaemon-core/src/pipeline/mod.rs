@@ -23,6 +23,9 @@ pub enum TurnError {
     NoAnsweringStage,
     #[error("the cloud token budget is spent; it resets in {}s", .resets_in.as_secs())]
     BudgetExhausted { resets_in: std::time::Duration },
+    /// A tool failed through the device's own fault (not the model's, not the remote's).
+    #[error("tool `{tool}` failed: {message}")]
+    Tool { tool: String, message: String },
 }
 
 /// The rest of the chain after the current stage.

@@ -1,14 +1,16 @@
 //! `llm` stage, the innermost: sends the turn where the router decided — the cloud pool or
 //! the local model — and accounts the tokens reported. When the cloud cannot answer before its
 //! first byte (down, breakers open, busy, too slow), the local model answers instead and the
-//! turn is marked degraded. The server-side tool loop joins here later.
+//! turn is marked degraded. With server-side tools configured, the tool loop (`act`) calls
+//! the model once per step through [`ModelCall`].
 
 use crate::cost::{CloudBudget, OnExhausted};
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
+use crate::stages::act::Act;
 use crate::turn::{Reply, Route, Turn, TurnCtx};
 use crate::upstream::pool::{Pool, PoolError, Served};
-use crate::wire::Usage;
+use crate::wire::{ChatRequest, Usage};
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -29,21 +31,16 @@ impl Default for LlmConfig {
     }
 }
 
-pub struct Llm {
+/// Calls the model for one request of a turn — where the router decided, falling back to the
+/// local model, within the cloud budget. The tool loop calls it once per step.
+#[derive(Clone)]
+pub struct ModelCall {
     pool: Arc<Pool>,
     budget: Arc<CloudBudget>,
     fallback_to_local: bool,
 }
 
-impl Llm {
-    pub fn new(config: &LlmConfig, pool: Arc<Pool>, budget: Arc<CloudBudget>) -> Self {
-        Llm {
-            pool,
-            budget,
-            fallback_to_local: config.fallback_to_local,
-        }
-    }
-
+impl ModelCall {
     /// Enforces the cloud budget even without the router (which only reports the reason):
     /// a cloud turn with the allowance spent goes local or is refused, per the policy.
     fn within_budget(&self, turn: &Turn, route: Route) -> Result<Route, TurnError> {
@@ -51,7 +48,7 @@ impl Llm {
             return Ok(route);
         };
         if spent.policy == OnExhausted::Local && self.pool.has_local() {
-            if turn.route != Some(Route::Local) {
+            if turn.route != Some(Route::Local) && !turn.ctx.meta().degraded {
                 turn.ctx.emit(TurnEvent::Degraded {
                     turn: turn.id().clone(),
                     reason: "budget_exhausted",
@@ -65,10 +62,25 @@ impl Llm {
         })
     }
 
-    async fn call(&self, turn: &Turn, route: Route) -> Result<Reply, PoolError> {
+    /// The router's decision; without a router: cloud, unless the model names the local one.
+    fn route_for(&self, turn: &Turn) -> Route {
+        turn.route
+            .unwrap_or(if self.pool.is_local_model_name(&turn.request.model) {
+                Route::Local
+            } else {
+                Route::Cloud
+            })
+    }
+
+    async fn call(
+        &self,
+        turn: &Turn,
+        request: &ChatRequest,
+        route: Route,
+    ) -> Result<Reply, PoolError> {
         let ctx = turn.ctx.clone();
         let budget = self.budget.clone();
-        let (request, hints, deadline) = (&turn.request, &turn.hints, turn.deadline);
+        let (hints, deadline) = (&turn.hints, turn.deadline);
         if request.wants_stream() {
             let (stream, served) = self
                 .pool
@@ -94,6 +106,64 @@ impl Llm {
             Ok(Reply::Complete(completion))
         }
     }
+
+    /// One model answer for `request` (the turn's own, or a step of the tool loop), and the
+    /// route that answered it.
+    pub async fn answer(&self, turn: &Turn, request: &ChatRequest) -> Result<Reply, TurnError> {
+        let route = self.within_budget(turn, self.route_for(turn))?;
+        let result = match self.call(turn, request, route).await {
+            Err(e)
+                if route == Route::Cloud
+                    && self.fallback_to_local
+                    && self.pool.has_local()
+                    && e.cloud_unavailable()
+                    && !turn.deadline.passed() =>
+            {
+                let reason = match &e {
+                    PoolError::Failed { last, .. } => last.code(),
+                    _ => "cloud_unavailable",
+                };
+                tracing::warn!(turn = %turn.id(), reason, "cloud unavailable; answering from the local model");
+                turn.ctx.emit(TurnEvent::Degraded {
+                    turn: turn.id().clone(),
+                    reason,
+                });
+                turn.ctx.annotate(|m| m.degraded = true);
+                self.call(turn, request, Route::Local)
+                    .await
+                    .map(|r| (r, Route::Local))
+            }
+            other => other.map(|r| (r, route)),
+        };
+        let (reply, answered) = result?;
+        turn.ctx
+            .annotate(|m| m.answered_by = Some(answered.as_str()));
+        Ok(reply)
+    }
+}
+
+pub struct Llm {
+    model: ModelCall,
+    /// The server-side tool loop, when tools are configured.
+    act: Option<Arc<Act>>,
+}
+
+impl Llm {
+    pub fn new(
+        config: &LlmConfig,
+        pool: Arc<Pool>,
+        budget: Arc<CloudBudget>,
+        act: Option<Arc<Act>>,
+    ) -> Self {
+        Llm {
+            model: ModelCall {
+                pool,
+                budget,
+                fallback_to_local: config.fallback_to_local,
+            },
+            act,
+        }
+    }
 }
 
 fn account(ctx: &TurnCtx, budget: &CloudBudget, served: &Served, usage: Usage) {
@@ -116,46 +186,17 @@ impl Stage for Llm {
     }
 
     async fn handle(&self, turn: Turn, _next: Next<'_>) -> Result<Reply, TurnError> {
-        let route = turn
-            .route
-            .unwrap_or(if self.pool.is_local_model_name(&turn.request.model) {
-                Route::Local
-            } else {
-                Route::Cloud
-            });
-        let route = self.within_budget(&turn, route)?;
         turn.ctx.emit(TurnEvent::StageDecided {
             turn: turn.id().clone(),
             stage: self.name(),
-            decision: route.as_str(),
+            decision: self.model.route_for(&turn).as_str(),
         });
-        let result = match self.call(&turn, route).await {
-            Err(e)
-                if route == Route::Cloud
-                    && self.fallback_to_local
-                    && self.pool.has_local()
-                    && e.cloud_unavailable()
-                    && !turn.deadline.passed() =>
-            {
-                let reason = match &e {
-                    PoolError::Failed { last, .. } => last.code(),
-                    _ => "cloud_unavailable",
-                };
-                tracing::warn!(turn = %turn.id(), reason, "cloud unavailable; answering from the local model");
-                turn.ctx.emit(TurnEvent::Degraded {
-                    turn: turn.id().clone(),
-                    reason,
-                });
-                turn.ctx.annotate(|m| m.degraded = true);
-                self.call(&turn, Route::Local)
-                    .await
-                    .map(|r| (r, Route::Local))
+        // Client-side tools pass through untouched: the client runs them, not us.
+        match &self.act {
+            Some(act) if turn.request.tools.is_none() && act.has_tools() => {
+                act.run(self.model.clone(), turn).await
             }
-            other => other.map(|r| (r, route)),
-        };
-        let (reply, answered) = result?;
-        turn.ctx
-            .annotate(|m| m.answered_by = Some(answered.as_str()));
-        Ok(reply)
+            _ => self.model.answer(&turn, &turn.request).await,
+        }
     }
 }

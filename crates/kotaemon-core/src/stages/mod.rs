@@ -2,6 +2,7 @@
 //! configures stages; it cannot reorder them. Later stages (PII guard, rules, cache, router,
 //! tool loop, voice reply) slot into `build` at their place in the order.
 
+pub mod act;
 pub mod cache;
 pub mod llm;
 pub mod router;
@@ -24,6 +25,7 @@ pub struct StagesConfig {
     pub router: router::RouterConfig,
     pub system_prompt: system_prompt::SystemPromptConfig,
     pub llm: llm::LlmConfig,
+    pub act: act::ActConfig,
 }
 
 impl StagesConfig {
@@ -38,6 +40,8 @@ pub struct StageDeps {
     pub pool: Arc<Pool>,
     pub budget: Arc<CloudBudget>,
     pub tools: Arc<ToolRegistry>,
+    /// The tool loop, built by the app (the actions API resumes its pending actions).
+    pub act: Option<Arc<act::Act>>,
 }
 
 /// Builds the pipeline in canonical order; every problem is reported with its key path.
@@ -51,7 +55,7 @@ pub fn build(
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
     let mut problems = Vec::new();
     // Local rules first: instant answers never wait for anything else.
-    match rules::Rules::new(&config.rules) {
+    match rules::Rules::new(&config.rules, deps.tools.clone()) {
         Ok(Some(s)) => stages.push(Arc::new(s)),
         Ok(None) => {}
         Err(mut p) => problems.append(&mut p),
@@ -88,6 +92,7 @@ pub fn build(
         &config.llm,
         deps.pool.clone(),
         deps.budget.clone(),
+        deps.act.clone(),
     )));
     for w in &warnings {
         tracing::error!("{w}");

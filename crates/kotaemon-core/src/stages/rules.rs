@@ -4,6 +4,7 @@
 
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
+use crate::tools::{ToolCtx, ToolError, ToolRegistry};
 use crate::turn::{Reply, Turn};
 use crate::wire::{LocalAnswer, Usage};
 use async_trait::async_trait;
@@ -44,6 +45,25 @@ pub struct IntentConfig {
     /// The answer. Slots: named groups, and `{time}` (HH:MM), `{date}` (YYYY-MM-DD),
     /// `{weekday}` (Monday…), `{weekday_zh}` (星期一…), all in the device's time zone.
     pub answer: String,
+    /// Run this tool directly (no model) before answering: e.g. `mqtt_publish` to switch a
+    /// light. String values in `arguments` take the same slots as the answer.
+    #[serde(default)]
+    pub tool: Option<IntentTool>,
+    /// The answer when the tool fails; `{error}` is the reason.
+    #[serde(default = "default_error_answer")]
+    pub error_answer: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntentTool {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_error_answer() -> String {
+    "Sorry, that did not work: {error} / 抱歉，操作没有成功：{error}".into()
 }
 
 const BUILTIN_SLOTS: &[&str] = &["time", "date", "weekday", "weekday_zh"];
@@ -59,6 +79,8 @@ struct Intent {
     patterns: Vec<Regex>,
     keywords: Vec<String>,
     answer: String,
+    tool: Option<IntentTool>,
+    error_answer: String,
 }
 
 impl Intent {
@@ -85,12 +107,34 @@ impl Intent {
 
 pub struct Rules {
     intents: Vec<Intent>,
+    tools: Arc<ToolRegistry>,
 }
 
 impl Rules {
-    /// `None` when disabled. Every bad pattern or template is reported with its key path.
-    pub fn new(config: &RulesConfig) -> Result<Option<Self>, Vec<String>> {
-        let rules = Self::compile(config, "stages.rules")?;
+    /// `None` when disabled. Every bad pattern, template or tool is reported with its key path.
+    pub fn new(
+        config: &RulesConfig,
+        tools: Arc<ToolRegistry>,
+    ) -> Result<Option<Self>, Vec<String>> {
+        let mut rules = Self::compile(config, "stages.rules")?;
+        if config.enabled {
+            let missing: Vec<String> = config
+                .intents
+                .iter()
+                .enumerate()
+                .filter_map(|(i, intent)| {
+                    let name = &intent.tool.as_ref()?.name;
+                    // MCP tools (`namespace__tool`) arrive after start-up.
+                    (!name.contains("__") && tools.spec(name).is_none()).then(|| {
+                        format!("stages.rules.intents[{i}].tool.name: no tool `{name}` is configured (see [tools])")
+                    })
+                })
+                .collect();
+            if !missing.is_empty() {
+                return Err(missing);
+            }
+        }
+        rules.tools = tools;
         Ok(config.enabled.then_some(rules))
     }
 
@@ -127,16 +171,22 @@ impl Rules {
                 patterns,
                 keywords: intent.keywords.iter().map(|k| k.to_lowercase()).collect(),
                 answer: intent.answer.clone(),
+                tool: intent.tool.clone(),
+                error_answer: intent.error_answer.clone(),
             });
         }
         if problems.is_empty() {
-            Ok(Rules { intents })
+            Ok(Rules {
+                intents,
+                tools: Arc::new(ToolRegistry::new()),
+            })
         } else {
             Err(problems)
         }
     }
 
-    /// The first intent matching `text`, and its rendered answer.
+    /// The first intent matching `text`, and its rendered answer (templates only; tools are
+    /// run by [`Rules::act`]).
     pub fn answer(
         &self,
         text: &str,
@@ -146,6 +196,81 @@ impl Rules {
             let slots = intent.matches(text)?;
             Some((intent.name.clone(), render(&intent.answer, &slots, now)))
         })
+    }
+
+    /// The first intent matching `text`: runs its tool if it has one, and renders the answer.
+    async fn act(
+        &self,
+        turn: &Turn,
+        text: &str,
+        now: chrono::DateTime<chrono::Local>,
+    ) -> Option<(Arc<str>, String)> {
+        let (intent, slots) = self
+            .intents
+            .iter()
+            .find_map(|intent| Some((intent, intent.matches(text)?)))?;
+        let Some(tool) = &intent.tool else {
+            return Some((intent.name.clone(), render(&intent.answer, &slots, now)));
+        };
+        let args = render_json(
+            &serde_json::Value::Object(tool.arguments.clone()),
+            &slots,
+            now,
+        );
+        let ctx = ToolCtx {
+            idempotency_key: format!("{}-rule", turn.id()),
+        };
+        let started = tokio::time::Instant::now();
+        let result = self
+            .tools
+            .call(&tool.name, args, &ctx, turn.deadline.remaining())
+            .await;
+        turn.ctx.annotate(|m| m.acted = true);
+        turn.ctx.emit(TurnEvent::ToolCalled {
+            turn: turn.id().clone(),
+            tool: if self.tools.spec(&tool.name).is_some() {
+                tool.name.as_str().into()
+            } else {
+                "unknown".into()
+            },
+            outcome: match &result {
+                Ok(_) => "ok",
+                Err(ToolError::InvalidArguments(_)) => "invalid_arguments",
+                Err(ToolError::Failed(_)) => "failed",
+                Err(ToolError::Timeout(_)) => "timeout",
+                Err(ToolError::Internal(_)) => "internal",
+            },
+            elapsed: started.elapsed(),
+        });
+        let answer = match result {
+            Ok(_) => render(&intent.answer, &slots, now),
+            Err(e) => {
+                tracing::warn!(turn = %turn.id(), tool = %tool.name, "rule's tool failed: {e}");
+                let mut with_error = slots.clone();
+                with_error.push(("error".into(), e.to_string()));
+                render(&intent.error_answer, &with_error, now)
+            }
+        };
+        Some((intent.name.clone(), answer))
+    }
+}
+
+/// Fills slots in every string of a JSON value (a rule's tool arguments).
+fn render_json(
+    value: &serde_json::Value,
+    slots: &[(String, String)],
+    now: chrono::DateTime<chrono::Local>,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(render(s, slots, now)),
+        Value::Array(a) => Value::Array(a.iter().map(|v| render_json(v, slots, now)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), render_json(v, slots, now)))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 
@@ -228,10 +353,10 @@ impl Stage for Rules {
         // A client that brought its own tools or asked for structured output wants the model.
         let eligible =
             turn.request.tools.is_none() && !turn.request.extra.contains_key("response_format");
-        let matched = eligible
-            .then(|| turn.request.last_user_text())
-            .flatten()
-            .and_then(|text| self.answer(text, chrono::Local::now()));
+        let matched = match eligible.then(|| turn.request.last_user_text()).flatten() {
+            Some(text) => self.act(&turn, text, chrono::Local::now()).await,
+            None => None,
+        };
         let Some((intent, text)) = matched else {
             turn.ctx.emit(TurnEvent::StageDecided {
                 turn: turn.id().clone(),

@@ -237,9 +237,16 @@ pub fn build(config: &ToolsConfig) -> Result<Arc<ToolRegistry>, Vec<String>> {
         add(format!("tools.http[{i}]"), http::build(h));
     }
     add("tools.mqtt".into(), mqtt::build(&config.mqtt));
+    let mut namespaces = std::collections::HashSet::new();
     for (i, m) in config.mcp.iter().enumerate() {
         if let Err(p) = m.validate() {
             problems.extend(p.into_iter().map(|e| format!("tools.mcp[{i}].{e}")));
+        }
+        if !namespaces.insert(m.namespace.as_str()) {
+            problems.push(format!(
+                "tools.mcp[{i}].namespace: `{}` is used twice",
+                m.namespace
+            ));
         }
     }
     if problems.is_empty() {

@@ -21,6 +21,7 @@ fn name(e: &TurnEvent) -> String {
         TurnEvent::Retry { reason, .. } => format!("retry({reason})"),
         TurnEvent::RetryBudgetExhausted { .. } => "retry_budget_exhausted".into(),
         TurnEvent::TokensUsed { .. } => "tokens_used".into(),
+        TurnEvent::ToolCalled { tool, outcome, .. } => format!("tool({tool}:{outcome})"),
         TurnEvent::BreakerChanged { to, .. } => format!("breaker({})", to.as_str()),
         TurnEvent::HealthChanged { healthy, .. } => format!("health({healthy})"),
         TurnEvent::Overhead { .. } => "overhead".into(),
@@ -42,22 +43,7 @@ async fn sequence(agent: &Agent, body: serde_json::Value) -> Vec<String> {
             .await
             .expect("no turn_finished")
             .unwrap();
-        let ours = match &*e {
-            TurnEvent::TurnStarted { turn: t, .. }
-            | TurnEvent::StageDecided { turn: t, .. }
-            | TurnEvent::RuleMatched { turn: t, .. }
-            | TurnEvent::CacheLookup { turn: t, .. }
-            | TurnEvent::Routed { turn: t, .. }
-            | TurnEvent::Degraded { turn: t, .. }
-            | TurnEvent::UpstreamAttempt { turn: t, .. }
-            | TurnEvent::UpstreamFinished { turn: t, .. }
-            | TurnEvent::Retry { turn: t, .. }
-            | TurnEvent::RetryBudgetExhausted { turn: t }
-            | TurnEvent::TokensUsed { turn: t, .. }
-            | TurnEvent::Overhead { turn: t, .. }
-            | TurnEvent::TurnFinished { turn: t, .. } => t.as_str() == turn,
-            TurnEvent::BreakerChanged { .. } | TurnEvent::HealthChanged { .. } => true,
-        };
+        let ours = e.turn_id().is_none_or(|t| t.as_str() == turn);
         if ours {
             seen.push(name(&e));
         }

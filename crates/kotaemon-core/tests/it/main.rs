@@ -1,13 +1,19 @@
 //! Integration tests of the gateway over real loopback sockets, against the scripted fake
 //! upstream. One test binary for the crate (each binary links everything).
 
+mod act;
 mod api;
 mod auth;
 mod cache;
+mod calendar;
 mod events;
 mod faults;
 mod harness;
 mod local;
+mod mcp;
+mod mqtt;
+mod plugins;
 mod pool;
 mod rules;
+mod scenario;
 mod tls;

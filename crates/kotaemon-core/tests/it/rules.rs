@@ -87,3 +87,72 @@ async fn embedded_default_rules_answer_time_in_both_languages() {
     assert_eq!(fake.chat_request_count(), 0);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_runs_a_tool_directly_without_any_model() {
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let rules = r#"
+[pool.health]
+enabled = false
+[tools.contacts]
+enabled = true
+[[tools.contacts.entries]]
+name = "张伟"
+email = "zhang.wei@example.com"
+title = "产品经理"
+[stages.rules]
+enabled = true
+[[stages.rules.intents]]
+name = "check_person"
+patterns = ['^(?P<who>\S+)在通讯录里吗']
+tool = { name = "contacts_lookup", arguments = { name = "{who}" } }
+answer = "在，{who}在通讯录里。"
+error_answer = "没有找到{who}：{error}"
+"#;
+    let agent = Agent::start(&[("rules-cloud", &fake)], "", rules).await;
+    let ask = |text: &str| json!({"model": "m", "messages": [{"role": "user", "content": text}]});
+    let found = agent.chat(ask("张经理在通讯录里吗")).await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    assert_eq!(
+        found.json()["choices"][0]["message"]["content"],
+        "在，张经理在通讯录里。"
+    );
+    assert_eq!(found.headers["x-kotaemon-answered-by"], "rules");
+    let missing = agent.chat(ask("王总在通讯录里吗")).await;
+    let text = missing.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        text.starts_with("没有找到王总：") && text.contains("nobody"),
+        "{text}"
+    );
+    assert_eq!(fake.chat_request_count(), 0, "no model was involved");
+    let metrics = metrics_text(&agent).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "kotaemon_tool_calls_total",
+            &[("tool", "contacts_lookup"), ("outcome", "failed")]
+        ),
+        Some(1.0)
+    );
+
+    // A rule naming a tool that is not configured is a start-up error with its key path.
+    let bad = rules.replace("contacts_lookup", "light_switch");
+    let config = kotaemon_core::Config::from_toml_str(&format!(
+        "[[upstreams]]\nname = \"c\"\nbase_url = \"http://127.0.0.1:9/v1\"\n{bad}"
+    ));
+    let problems = match config.map(kotaemon_core::App::build) {
+        Ok(Err(e)) => e.problems,
+        Err(e) => e.problems,
+        Ok(Ok(_)) => panic!("an unknown tool must not start"),
+    };
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("stages.rules.intents[0].tool.name")),
+        "{problems:?}"
+    );
+    agent.stop().await;
+}

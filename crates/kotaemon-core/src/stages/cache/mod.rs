@@ -309,16 +309,19 @@ impl Stage for Cache {
         } else {
             outcome("refresh", None);
         }
+        let ctx = turn.ctx.clone();
         let reply = next.run(turn).await?;
         Ok(match reply {
             Reply::Complete(c) => {
-                if let Some(text) = cacheable_completion(&c) {
+                if ctx.meta().acted {
+                    // Answers made with tools depend on the world, not only the question.
+                } else if let Some(text) = cacheable_completion(&c) {
                     self.store_later(key, embedding, text, c.usage().unwrap_or_default());
                 }
                 Reply::Complete(c)
             }
             Reply::Stream(stream) => {
-                Reply::Stream(self.store_stream_on_success(stream, key, embedding))
+                Reply::Stream(self.store_stream_on_success(stream, key, embedding, ctx))
             }
         })
     }
@@ -333,8 +336,10 @@ impl Cache {
         stream: crate::turn::ChunkStream,
         key: CacheKey,
         embedding: Option<Vec<f32>>,
+        ctx: crate::turn::TurnCtx,
     ) -> crate::turn::ChunkStream {
         struct State {
+            ctx: crate::turn::TurnCtx,
             inner: crate::turn::ChunkStream,
             text: String,
             finished: bool,
@@ -345,6 +350,7 @@ impl Cache {
             embedding: Option<Vec<f32>>,
         }
         let state = State {
+            ctx,
             inner: stream,
             text: String::new(),
             finished: false,
@@ -375,7 +381,7 @@ impl Cache {
                     Some((Err(e), s))
                 }
                 None => {
-                    if s.finished && !s.spoiled {
+                    if s.finished && !s.spoiled && !s.ctx.meta().acted {
                         tokio::task::spawn_blocking(move || {
                             if let Err(e) =
                                 s.store
