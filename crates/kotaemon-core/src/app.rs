@@ -12,7 +12,7 @@ use crate::plugins::{self, PluginDeps};
 use crate::stages::act::Act;
 use crate::stages::{self, StageDeps};
 use crate::tools::{self, ToolRegistry};
-use crate::turn::{Origin, Reply, Turn};
+use crate::turn::{Origin, Reply, Turn, TurnCtx};
 use crate::upstream::breaker::Breaker;
 use crate::upstream::openai::OpenAiUpstream;
 use crate::upstream::pool::{Member, Pool};
@@ -307,14 +307,39 @@ impl App {
         self.tasks.wait().await;
     }
 
-    /// Runs one turn in-process (CLI `ask` and `chat`).
-    pub async fn run_turn(&self, origin: Origin, request: ChatRequest) -> Result<Reply, TurnError> {
+    /// Runs one turn in-process (CLI `ask` and `chat`). The context tells, once the reply is
+    /// consumed, what the stages decided (e.g. a pending action).
+    pub async fn run_turn(
+        &self,
+        origin: Origin,
+        request: ChatRequest,
+    ) -> Result<(Reply, TurnCtx), TurnError> {
         let turn = Turn::new(
             self.bus.clone(),
             origin,
             request,
             Duration::from_millis(self.config.server.turn_timeout_ms),
         );
-        self.pipeline.run(turn).await
+        let ctx = turn.ctx.clone();
+        self.pipeline.run(turn).await.map(|r| (r, ctx))
+    }
+
+    /// Confirms or rejects a pending action in-process (CLI `chat`).
+    pub async fn decide_action(
+        &self,
+        id: &str,
+        decision: crate::stages::act::Decision,
+    ) -> Result<Reply, crate::stages::act::ActError> {
+        let Some(act) = &self.act else {
+            return Err(crate::stages::act::ActError::UnknownAction(id.to_string()));
+        };
+        act.resume(
+            id,
+            decision,
+            self.bus.clone(),
+            Duration::from_millis(self.config.server.turn_timeout_ms),
+        )
+        .await
+        .map(|(reply, _)| reply)
     }
 }

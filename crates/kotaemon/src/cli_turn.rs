@@ -2,6 +2,7 @@
 
 use futures::StreamExt;
 use kotaemon_core::api::error::ApiError;
+use kotaemon_core::stages::act::Decision;
 use kotaemon_core::turn::{Origin, Reply};
 use kotaemon_core::wire::{ChatMessage, ChatRequest, MessageContent, Role};
 use kotaemon_core::{App, Config};
@@ -17,13 +18,14 @@ pub fn default_model(config: &Config) -> String {
 }
 
 /// Sends `prompt` after `history`, prints the answer, and appends both to `history`.
+/// Returns the id of an action that waits for the user's confirmation, if any.
 pub async fn ask(
     app: &App,
     model: &str,
     history: &mut Vec<ChatMessage>,
     prompt: &str,
     stream: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<String>> {
     history.push(ChatMessage::text(Role::User, prompt));
     let request = ChatRequest {
         model: model.to_string(),
@@ -33,7 +35,7 @@ pub async fn ask(
         tools: None,
         extra: Default::default(),
     };
-    let reply = app.run_turn(Origin::Cli, request).await.map_err(|e| {
+    let (reply, ctx) = app.run_turn(Origin::Cli, request).await.map_err(|e| {
         history.pop();
         let api = ApiError::from(e);
         anyhow::anyhow!("{} ({})", api.message, api.code)
@@ -69,6 +71,24 @@ pub async fn ask(
         content: Some(MessageContent::Text(answer)),
         extra: Default::default(),
     });
+    Ok(ctx.meta().pending_action)
+}
+
+/// Asks the user about a pending action and runs their decision.
+async fn confirm(app: &App, id: &str) -> anyhow::Result<()> {
+    eprint!("confirm this action? [y/N] ");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let decision = if matches!(line.trim(), "y" | "Y" | "yes" | "是" | "确认") {
+        Decision::Confirm
+    } else {
+        Decision::Reject
+    };
+    match app.decide_action(id, decision).await {
+        Ok(Reply::Complete(c)) => println!("{}", c.content().unwrap_or_default()),
+        Ok(Reply::Stream(_)) => {}
+        Err(e) => anyhow::bail!("{e}"),
+    }
     Ok(())
 }
 
@@ -89,11 +109,15 @@ pub async fn repl(app: &App, model: &str) -> anyhow::Result<()> {
                 history.clear();
                 eprintln!("(forgotten)");
             }
-            prompt => {
-                if let Err(e) = ask(app, model, &mut history, prompt, true).await {
-                    eprintln!("error: {e:#}");
+            prompt => match ask(app, model, &mut history, prompt, true).await {
+                Ok(Some(id)) => {
+                    if let Err(e) = confirm(app, &id).await {
+                        eprintln!("error: {e:#}");
+                    }
                 }
-            }
+                Ok(None) => {}
+                Err(e) => eprintln!("error: {e:#}"),
+            },
         }
     }
 }

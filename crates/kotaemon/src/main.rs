@@ -159,7 +159,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let app = App::build(config)?;
             let model = model.unwrap_or_else(|| cli_turn::default_model(&app.config));
             let mut history = Vec::new();
-            cli_turn::ask(&app, &model, &mut history, &prompt, !no_stream).await?;
+            if let Some(id) = cli_turn::ask(&app, &model, &mut history, &prompt, !no_stream).await?
+            {
+                // A one-shot process cannot wait for a decision: say so, and signal it.
+                eprintln!("action {id} needs your confirmation and was NOT done; use `kotaemon chat` (asks y/N) or the API (POST /v1/kotaemon/actions/{id}) of a running agent");
+                return Ok(ExitCode::from(3));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Chat { model } => {

@@ -18,7 +18,7 @@
 use crate::events::TurnEvent;
 use crate::pipeline::TurnError;
 use crate::stages::llm::ModelCall;
-use crate::tools::{ToolCtx, ToolError, ToolRegistry};
+use crate::tools::{Effect, ToolCtx, ToolError, ToolRegistry};
 use crate::turn::{ChunkStream, Origin, Reply, Route, RouteHints, Turn};
 use crate::upstream::pool::PoolError;
 use crate::upstream::{Phase, StreamError, UpstreamError, UpstreamErrorKind};
@@ -102,8 +102,9 @@ pub struct Act {
 
 /// How a tool step ended.
 enum StepOutcome {
-    /// Results appended to the conversation: call the model again.
-    Ran,
+    /// Results appended to the conversation: call the model again. Carries what the
+    /// mutating calls did.
+    Ran(Vec<String>),
     /// Waiting for the user: the turn answers with this text.
     Pending(String),
 }
@@ -161,8 +162,16 @@ impl Act {
             self.clone().run_stream(model, turn, offered).await
         } else {
             let messages = turn.request.messages.clone();
-            self.run_complete(model, &turn, messages, offered, 0, Usage::default())
-                .await
+            self.run_complete(
+                model,
+                &turn,
+                messages,
+                offered,
+                0,
+                Usage::default(),
+                Vec::new(),
+            )
+            .await
         }
     }
 
@@ -174,12 +183,23 @@ impl Act {
         offered: Vec<Value>,
         mut step: u32,
         mut usage: Usage,
+        mut done: Vec<String>,
     ) -> Result<Reply, TurnError> {
         loop {
             let last = step + 1 >= self.config.max_steps;
             let request =
                 Self::step_request(&turn.request, &messages, (!last).then_some(&offered), false);
-            let completion = match model.answer(turn, &request).await? {
+            let answer = match model.answer(turn, &request).await {
+                Err(e) if !done.is_empty() => {
+                    // Something was already done: say so rather than fail as if nothing was.
+                    let text = actions_done_text(&done, &e);
+                    return Ok(Reply::Complete(
+                        self.final_text(turn, text, usage).completion(),
+                    ));
+                }
+                other => other?,
+            };
+            let completion = match answer {
                 Reply::Complete(c) => c,
                 // Not asked for; relay rather than guess.
                 stream @ Reply::Stream(_) => return Ok(stream),
@@ -207,7 +227,7 @@ impl Act {
                 .step(turn, &model, &mut messages, calls, step, usage)
                 .await?
             {
-                StepOutcome::Ran => {}
+                StepOutcome::Ran(mut did) => done.append(&mut did),
                 StepOutcome::Pending(text) => {
                     return Ok(Reply::Complete(
                         self.final_text(turn, text, usage).completion(),
@@ -241,6 +261,7 @@ impl Act {
             let mut stream_id: Option<Value> = None;
             let mut role_sent = false;
             let mut step = 0u32;
+            let mut done: Vec<String> = Vec::new();
             loop {
                 let mut calls: Vec<ToolCall> = Vec::new();
                 let mut text = String::new();
@@ -308,7 +329,10 @@ impl Act {
                 } else {
                     messages.push(ChatMessage::assistant_tool_calls(Some(text), &calls));
                     match self.step(&turn, &model, &mut messages, calls, step, usage).await {
-                        Ok(StepOutcome::Ran) => None,
+                        Ok(StepOutcome::Ran(mut did)) => {
+                            done.append(&mut did);
+                            None
+                        }
                         Ok(StepOutcome::Pending(text)) => Some(text),
                         Err(e) => {
                             yield Err(mid_stream_error(e));
@@ -328,6 +352,13 @@ impl Act {
                     Ok(Reply::Stream(s)) => s,
                     Ok(Reply::Complete(c)) => {
                         futures::stream::iter(LocalAnswer::from_completion(&c).chunks_after_role().into_iter().map(Ok)).boxed()
+                    }
+                    Err(e) if !done.is_empty() => {
+                        let text = actions_done_text(&done, &e);
+                        for chunk in self.final_text(&turn, text, usage).chunks_after_role() {
+                            yield Ok(with_id(chunk, &stream_id));
+                        }
+                        return;
                     }
                     Err(e) => {
                         yield Err(mid_stream_error(e));
@@ -385,19 +416,20 @@ impl Act {
             turn.ctx.annotate(|m| m.pending_action = Some(id));
             return Ok(StepOutcome::Pending(text));
         }
-        self.run_calls(turn, messages, &calls, &[]).await?;
-        Ok(StepOutcome::Ran)
+        let done = self.run_calls(turn, messages, &calls, &[]).await?;
+        Ok(StepOutcome::Ran(done))
     }
 
     /// Runs `calls` in parallel (they were asked for together, so they are independent) and
-    /// appends one tool message per call, in order. `rejected` calls are not run.
+    /// appends one tool message per call, in order. `rejected` calls are not run. Returns what
+    /// the mutating calls that succeeded did (`name: result`).
     async fn run_calls(
         &self,
         turn: &Turn,
         messages: &mut Vec<ChatMessage>,
         calls: &[ToolCall],
         rejected: &[String],
-    ) -> Result<(), TurnError> {
+    ) -> Result<Vec<String>, TurnError> {
         let results = futures::future::join_all(calls.iter().enumerate().map(|(i, call)| {
             let rejected = rejected.contains(&call.name);
             async move {
@@ -409,10 +441,20 @@ impl Act {
             }
         }))
         .await;
+        let mut done = Vec::new();
         for (call, result) in calls.iter().zip(results) {
-            messages.push(ChatMessage::tool_result(&call.id, result?.to_string()));
+            let result = result?;
+            let mutating = self
+                .tools
+                .spec(&call.name)
+                .is_some_and(|s| s.effect == Effect::Mutating);
+            if mutating && result.get("error").is_none() {
+                let text: String = result.to_string().chars().take(400).collect();
+                done.push(format!("{}: {text}", call.name));
+            }
+            messages.push(ChatMessage::tool_result(&call.id, result.to_string()));
         }
-        Ok(())
+        Ok(done)
     }
 
     fn emit(&self, turn: &Turn, name: &str, outcome: &'static str, elapsed: Duration) {
@@ -536,11 +578,20 @@ impl Act {
                 .collect(),
         };
         let mut messages = turn.request.messages.clone();
-        self.run_calls(&turn, &mut messages, &p.calls, &rejected)
+        let done = self
+            .run_calls(&turn, &mut messages, &p.calls, &rejected)
             .await?;
         let offered = self.offered();
         let reply = self
-            .run_complete(p.model, &turn, messages, offered, p.steps_done, p.usage)
+            .run_complete(
+                p.model,
+                &turn,
+                messages,
+                offered,
+                p.steps_done,
+                p.usage,
+                done,
+            )
             .await?;
         Ok((reply, turn.ctx.clone()))
     }
@@ -574,6 +625,17 @@ fn with_id(mut chunk: Chunk, id: &Option<Value>) -> Chunk {
         obj.insert("id".into(), id.clone());
     }
     chunk
+}
+
+/// The model failed after tools had acted: the user learns what was done, so nothing done is
+/// left without a record.
+fn actions_done_text(done: &[String], error: &TurnError) -> String {
+    tracing::warn!("the model failed after tools acted; answering with what was done: {error}");
+    format!(
+        "The assistant could not finish its answer, but these actions were done: {} / 助手未能完成回答，但以下操作已经执行：{}",
+        done.join("; "),
+        done.join("；")
+    )
 }
 
 fn step_limit_text(max_steps: u32) -> String {

@@ -318,14 +318,18 @@ secret_headers = {{ x-bot-token = "env:KOTAEMON_TEST_BOT_TOKEN" }}
         .chat(q("tell room 三楼A the meeting starts at 10", false))
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
+    // The two calls run in parallel: they arrive in either order.
     let got = seen.lock().unwrap().clone();
-    assert_eq!(got[0].0, "三楼A");
-    assert_eq!(got[0].1.as_deref(), Some(canary));
-    assert_eq!(got[0].2["content"]["text"], "会议10点开始");
+    assert_eq!(got.len(), 2, "both calls stayed on 127.0.0.1: {got:?}");
+    let room = got
+        .iter()
+        .find(|g| g.0 == "三楼A")
+        .expect("the room's call");
+    assert_eq!(room.1.as_deref(), Some(canary));
+    assert_eq!(room.2["content"]["text"], "会议10点开始");
+    assert!(got.iter().any(|g| g.0 == "x@evil.example/"), "{got:?}");
     let results = tool_results(&fake, 1);
     assert_eq!(results[0]["body"]["msg_id"], 7);
-    assert_eq!(got.len(), 2, "the second call stayed on 127.0.0.1: {got:?}");
-    assert_eq!(got[1].0, "x@evil.example/");
     // The credential never reaches the model or the metrics.
     let all_requests: String = fake.requests().iter().map(|r| r.body.to_string()).collect();
     assert!(!all_requests.contains(canary));

@@ -187,3 +187,47 @@ async fn meeting_room_assistant_books_the_meeting_in_chinese_and_english() {
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_failure_after_booking_still_tells_the_user_what_was_done() {
+    let radicale = Radicale::start().await;
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let agent = Agent::start_toml(&config(&radicale, &fake)).await;
+    let day = tomorrow_china();
+    fake.push(calls(&[(
+        "calendar_create_event",
+        json!({"summary": "产品发布", "start": format!("{day}T15:00"), "duration_minutes": 30,
+               "attendees": ["li.na@example.com"]}),
+    )]));
+    // The cloud dies before it can word the confirmation.
+    fake.set_default(Script {
+        status: 500,
+        ..Script::default()
+    });
+    let ask = |stream: bool| {
+        json!({"model": "fake-model", "stream": stream, "messages": [{"role": "user",
+            "content": "明天下午3点和李总监开半小时产品发布会"}]})
+    };
+    let reply = agent.chat(ask(false)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let text = reply.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("calendar_create_event") && text.contains("产品发布"),
+        "the user learns the event was booked: {text}"
+    );
+    // With the cloud down from the start nothing was done: an honest error, not a made-up
+    // success.
+    let reply = agent.chat(ask(true)).await;
+    reply.assert_error(502);
+    let events = radicale.raw_vevents(&radicale.calendar_url()).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains("T070000Z"),
+        "15:00 China time: {}",
+        events[0]
+    );
+    agent.stop().await;
+}

@@ -474,3 +474,73 @@ async fn models_install_own_files_from_a_path_and_a_url_with_checksums() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("not in the catalogue"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_asks_before_a_dangerous_tool_runs_and_ask_refuses_to_guess() {
+    use kotaemon_fake_upstream::ScriptToolCall;
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let lookup = || Script {
+        tool_calls: vec![ScriptToolCall {
+            name: "contacts_lookup".into(),
+            arguments: r#"{"name": "张经理"}"#.into(),
+        }],
+        ..Script::default()
+    };
+    fake.push(lookup());
+    fake.push(Script {
+        text: Some("Found Zhang Wei.".into()),
+        ..Script::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[stages.act]\nconfirm = [\"contacts_*\"]\n[tools.contacts]\nenabled = true\n[[tools.contacts.entries]]\nname = \"张伟\"\nemail = \"zhang.wei@example.com\"\ntitle = \"产品经理\"\n";
+    let cfg = config_for(dir.path(), &fake.base_url(), extra);
+    let chat_cfg = cfg.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = bin()
+            .args(["chat", "--config"])
+            .arg(&chat_cfg)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all("who is 张经理?\ny\n/exit\n".as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("confirmation"), "{stdout}");
+    assert!(stdout.contains("Found Zhang Wei."), "{stdout}");
+    let second = &fake.requests()[1].body;
+    assert!(
+        second.to_string().contains("zhang.wei@example.com"),
+        "the confirmed lookup ran: {second}"
+    );
+
+    // A one-shot `ask` cannot wait for a decision: exit code 3, nothing done.
+    fake.push(lookup());
+    let before = fake.chat_request_count();
+    let out = tokio::task::spawn_blocking(move || {
+        run(bin()
+            .args(["ask", "--config"])
+            .arg(&cfg)
+            .arg("who is 张经理?"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("NOT done"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(fake.chat_request_count(), before + 1);
+}
