@@ -147,6 +147,25 @@ impl ChatRequest {
         })
     }
 
+    /// The functions offered in `tools`: name, description, JSON Schema of the arguments.
+    pub fn offered_functions(&self) -> Vec<(String, String, Value)> {
+        self.tools
+            .iter()
+            .flatten()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                Some((
+                    f.get("name")?.as_str()?.to_string(),
+                    f.get("description")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    f.get("parameters").cloned().unwrap_or(Value::Null),
+                ))
+            })
+            .collect()
+    }
+
     /// The last user message's text, wherever the conversation is (rules and the router look
     /// at it on every turn, follow-ups included).
     pub fn last_user_text(&self) -> Option<&str> {
@@ -224,6 +243,9 @@ pub struct LocalAnswer {
     pub text: String,
     pub finish_reason: String,
     pub usage: Usage,
+    /// Tool calls made on the device's side (the local model's): when set, the answer is
+    /// these calls (`finish_reason: tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 impl LocalAnswer {
@@ -234,18 +256,39 @@ impl LocalAnswer {
             text,
             finish_reason: "stop".into(),
             usage,
+            tool_calls: Vec::new(),
         }
     }
 
     pub fn completion(&self) -> Completion {
+        let message = if self.tool_calls.is_empty() {
+            serde_json::json!({"role": "assistant", "content": self.text})
+        } else {
+            serde_json::json!({"role": "assistant", "content": null,
+                               "tool_calls": self.tool_calls_json(false)})
+        };
         Completion {
             body: serde_json::json!({
                 "id": self.id, "object": "chat.completion", "created": unix_now(), "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
-                             "finish_reason": self.finish_reason}],
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
                 "usage": self.usage,
             }),
         }
+    }
+
+    fn tool_calls_json(&self, indexed: bool) -> Vec<Value> {
+        self.tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut v = serde_json::json!({"id": c.id, "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments}});
+                if indexed {
+                    v["index"] = i.into();
+                }
+                v
+            })
+            .collect()
     }
 
     /// A complete upstream answer's text, to be streamed on (a step of the tool loop).
@@ -266,6 +309,7 @@ impl LocalAnswer {
             text: c.content().unwrap_or("").to_string(),
             finish_reason: c.finish_reason().unwrap_or("stop").to_string(),
             usage: c.usage().unwrap_or_default(),
+            tool_calls: Vec::new(),
         }
     }
 
@@ -295,6 +339,12 @@ impl LocalAnswer {
                 .iter()
                 .map(|p| chunk(serde_json::json!({"content": p}), Value::Null)),
         );
+        if !self.tool_calls.is_empty() {
+            out.push(chunk(
+                serde_json::json!({"tool_calls": self.tool_calls_json(true)}),
+                Value::Null,
+            ));
+        }
         out.push(chunk(
             serde_json::json!({}),
             Value::String(self.finish_reason.clone()),
@@ -361,6 +411,15 @@ impl ChatMessage {
             content: text.filter(|t| !t.is_empty()).map(MessageContent::Text),
             extra,
         }
+    }
+
+    /// The tool calls an assistant message carries (the conversation so far of a tool loop).
+    pub fn tool_calls(&self) -> Vec<ToolCall> {
+        self.extra
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .map(|calls| calls.iter().map(ToolCall::from_message).collect())
+            .unwrap_or_default()
     }
 
     /// A tool's result for the model.

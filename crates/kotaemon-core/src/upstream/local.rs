@@ -2,6 +2,7 @@
 //! router sends simple turns here, the llm stage falls back here when the cloud cannot answer,
 //! and clients can ask for it by name. Built behind the `llama` feature.
 
+use super::local_tools;
 use super::{Phase, Probe, Upstream, UpstreamError, UpstreamErrorKind};
 use crate::turn::{ChunkStream, Deadline};
 use crate::wire::{ChatRequest, Completion, LocalAnswer, MessageContent, Role, Usage};
@@ -91,7 +92,7 @@ fn text_of(content: &Option<MessageContent>) -> String {
 }
 
 fn turns(request: &ChatRequest) -> Vec<ChatTurn> {
-    request
+    let mut turns: Vec<ChatTurn> = request
         .messages
         .iter()
         .map(|m| {
@@ -100,9 +101,19 @@ fn turns(request: &ChatRequest) -> Vec<ChatTurn> {
                 Role::Assistant => "assistant",
                 Role::User | Role::Tool | Role::Function => "user",
             };
-            ChatTurn::new(role, text_of(&m.content))
+            ChatTurn::new(role, local_tools::message_text(m, text_of(&m.content)))
         })
-        .collect()
+        .collect();
+    // Offered tools are described in the (one) system message chat templates allow.
+    if let Some(tools) = local_tools::instructions(request) {
+        match turns.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{tools}", first.content)
+            }
+            _ => turns.insert(0, ChatTurn::new("system", tools)),
+        }
+    }
+    turns
 }
 
 fn params(request: &ChatRequest, max_tokens: u32) -> GenerateParams {
@@ -156,6 +167,45 @@ impl Upstream for LocalUpstream {
         _model: &str,
         deadline: Deadline,
     ) -> Result<Completion, UpstreamError> {
+        Ok(self.answer(request, deadline).await?.completion())
+    }
+
+    async fn stream(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        deadline: Deadline,
+    ) -> Result<ChunkStream, UpstreamError> {
+        if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            // Whether the answer is a call is known only at its end: generate, then stream.
+            let answer = self.answer(request, deadline).await?;
+            let text = answer.text.clone();
+            let pieces: Vec<&str> = if answer.tool_calls.is_empty() {
+                vec![text.as_str()]
+            } else {
+                Vec::new()
+            };
+            let chunks = answer.chunks(&pieces);
+            return Ok(futures::stream::iter(chunks.into_iter().map(Ok)).boxed());
+        }
+        self.stream_pieces(request, model, deadline).await
+    }
+
+    async fn probe(&self, _timeout: Duration) -> Result<Probe, UpstreamError> {
+        Ok(Probe {
+            latency: Duration::ZERO,
+            models: vec![self.name.to_string()],
+        })
+    }
+}
+
+impl LocalUpstream {
+    /// A whole answer; with tools offered, an answer that is a call becomes one.
+    async fn answer(
+        &self,
+        request: &ChatRequest,
+        deadline: Deadline,
+    ) -> Result<LocalAnswer, UpstreamError> {
         let mut rx = self.start(request)?;
         let mut text = String::new();
         loop {
@@ -166,15 +216,20 @@ impl Upstream for LocalUpstream {
                 Ok(Some(Ok(GenEvent::Piece(p)))) => text.push_str(&p),
                 Ok(Some(Ok(GenEvent::Done(stats)))) => {
                     crate::events::metrics::local_generation(&stats);
+                    let call = local_tools::parse_call(&text, request, request.messages.len());
                     let mut answer = LocalAnswer::new("local", &request.model, text, usage(&stats));
                     answer.finish_reason = finish_reason(stats.finish).into();
-                    return Ok(answer.completion());
+                    if let Some(call) = call {
+                        answer.tool_calls = vec![call];
+                        answer.finish_reason = "tool_calls".into();
+                    }
+                    return Ok(answer);
                 }
             }
         }
     }
 
-    async fn stream(
+    async fn stream_pieces(
         &self,
         request: &ChatRequest,
         _model: &str,
@@ -241,12 +296,5 @@ impl Upstream for LocalUpstream {
         )
         .flatten();
         Ok(futures::stream::iter(head).chain(rest).boxed())
-    }
-
-    async fn probe(&self, _timeout: Duration) -> Result<Probe, UpstreamError> {
-        Ok(Probe {
-            latency: Duration::ZERO,
-            models: vec![self.name.to_string()],
-        })
     }
 }

@@ -9,6 +9,7 @@ pub mod health;
 #[cfg(feature = "llama")]
 pub mod local;
 pub mod local_config;
+pub mod local_tools;
 pub mod openai;
 pub mod pool;
 
