@@ -172,6 +172,7 @@ impl App {
             budget,
             tools: tools.clone(),
             act: act.clone(),
+            contacts: config.tools.contacts.clone(),
         };
         let pipeline = match stages::build(&config.stages, &deps) {
             Ok((p, mut w)) => {

@@ -177,6 +177,8 @@ pub struct Turn {
     pub hints: RouteHints,
     /// Set by the router; `None` (no router) means cloud, or local if the model names it.
     pub route: Option<Route>,
+    /// Set by the PII guard: the turn's pseudonym mapping, for the tool loop.
+    pub pii: Option<Arc<crate::stages::pii_guard::TurnPii>>,
 }
 
 impl Turn {
@@ -199,6 +201,7 @@ impl Turn {
             deadline: Deadline::after(timeout),
             hints: RouteHints::default(),
             route: None,
+            pii: None,
         }
     }
     pub fn id(&self) -> &TurnId {

@@ -26,6 +26,8 @@ pub enum Which {
     Embed(crate::bench_local::EmbedArgs),
     /// Cache precision on a labelled set, and lookup latency.
     Cache(crate::bench_cache::Args),
+    /// PII guard throughput (mask + restore) on mixed text.
+    Pii(crate::bench_pii::Args),
     /// The meeting-room scenario (tools, Radicale, simulated cloud), stage by stage.
     Scenario(crate::bench_scenario::Args),
     /// Added latency and throughput of the agent vs. the upstream called directly.
@@ -48,6 +50,9 @@ pub async fn run(which: Which) -> anyhow::Result<ExitCode> {
         Which::Embed(args) => crate::bench_local::embed(args).await,
         Which::Cache(args) => crate::bench_cache::run(args).await,
         Which::Scenario(args) => crate::bench_scenario::run(args).await,
+        Which::Pii(args) => {
+            tokio::task::spawn_blocking(move || crate::bench_pii::run(args)).await?
+        }
         Which::Gateway {
             rates,
             seconds,

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cache;
 mod bench_local;
+mod bench_pii;
 mod bench_scenario;
 mod cli_turn;
 mod doctor;

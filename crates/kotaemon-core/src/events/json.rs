@@ -62,6 +62,11 @@ pub fn event_json(event: &TurnEvent) -> Value {
         TurnEvent::RetryBudgetExhausted { turn } => {
             json!({"kind": "retry_budget_exhausted", "turn": turn.as_str()})
         }
+        TurnEvent::PiiMasked {
+            turn,
+            entity,
+            count,
+        } => json!({"kind": "pii_masked", "turn": turn.as_str(), "entity": entity, "count": count}),
         TurnEvent::ToolCalled {
             turn,
             tool,

@@ -35,6 +35,7 @@ pub const LOCAL_QUEUE_WAIT: &str = "kotaemon_local_queue_wait_seconds";
 pub const ROUTE_DECISIONS: &str = "kotaemon_route_decisions_total";
 pub const DEGRADED: &str = "kotaemon_degraded_turns_total";
 pub const TOOL_CALLS: &str = "kotaemon_tool_calls_total";
+pub const PII_MASKED: &str = "kotaemon_pii_masked_total";
 pub const TOOL_DURATION: &str = "kotaemon_tool_duration_seconds";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
@@ -155,6 +156,10 @@ pub fn describe() {
         "Tool calls the model asked for, by tool (registered name or `unknown`) and outcome."
     );
     describe_histogram!(TOOL_DURATION, Unit::Seconds, "Tool call time, by tool.");
+    describe_counter!(
+        PII_MASKED,
+        "Personal values the guard replaced before anything left the device, by entity kind."
+    );
 }
 
 pub fn record(event: &TurnEvent) {
@@ -168,6 +173,9 @@ pub fn record(event: &TurnEvent) {
             counter!(ROUTE_DECISIONS, "route" => route.as_str(), "reason" => *reason).increment(1)
         }
         TurnEvent::Degraded { reason, .. } => counter!(DEGRADED, "reason" => *reason).increment(1),
+        TurnEvent::PiiMasked { entity, count, .. } => {
+            counter!(PII_MASKED, "entity" => *entity).increment(u64::from(*count))
+        }
         TurnEvent::ToolCalled {
             tool,
             outcome,

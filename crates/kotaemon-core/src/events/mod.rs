@@ -98,6 +98,12 @@ pub enum TurnEvent {
         outcome: &'static str,
         elapsed: Duration,
     },
+    /// The PII guard replaced `count` values of one kind (never the values themselves).
+    PiiMasked {
+        turn: TurnId,
+        entity: &'static str,
+        count: u32,
+    },
     TokensUsed {
         turn: TurnId,
         upstream: Arc<str>,
@@ -142,6 +148,7 @@ impl TurnEvent {
             | TurnEvent::Retry { turn, .. }
             | TurnEvent::RetryBudgetExhausted { turn }
             | TurnEvent::ToolCalled { turn, .. }
+            | TurnEvent::PiiMasked { turn, .. }
             | TurnEvent::TokensUsed { turn, .. }
             | TurnEvent::Overhead { turn, .. }
             | TurnEvent::TurnFinished { turn, .. } => Some(turn),

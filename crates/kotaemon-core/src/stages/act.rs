@@ -77,6 +77,7 @@ pub enum Decision {
 /// A tool step waiting for the user: everything needed to resume the loop.
 struct Pending {
     expires: Instant,
+    pii: Option<Arc<crate::stages::pii_guard::TurnPii>>,
     request: ChatRequest,
     calls: Vec<ToolCall>,
     hints: RouteHints,
@@ -401,6 +402,7 @@ impl Act {
             request.messages = messages.clone();
             let pending = Pending {
                 expires: Instant::now() + Duration::from_secs(self.config.confirm_ttl_secs),
+                pii: turn.pii.clone(),
                 request,
                 calls,
                 hints: turn.hints.clone(),
@@ -452,7 +454,12 @@ impl Act {
                 let text: String = result.to_string().chars().take(400).collect();
                 done.push(format!("{}: {text}", call.name));
             }
-            messages.push(ChatMessage::tool_result(&call.id, result.to_string()));
+            // Results go back to the model masked, like everything else.
+            let content = match &turn.pii {
+                Some(pii) => pii.mask(&result.to_string()),
+                None => result.to_string(),
+            };
+            messages.push(ChatMessage::tool_result(&call.id, content));
         }
         Ok(done)
     }
@@ -480,10 +487,15 @@ impl Act {
         index: usize,
     ) -> Result<Value, TurnError> {
         let started = Instant::now();
-        let args = if call.arguments.trim().is_empty() {
+        // The model wrote pseudonyms; the tool gets the real values (on the device).
+        let arguments = match &turn.pii {
+            Some(pii) => pii.restore(&call.arguments),
+            None => call.arguments.clone(),
+        };
+        let args = if arguments.trim().is_empty() {
             Ok(json!({}))
         } else {
-            serde_json::from_str::<Value>(&call.arguments)
+            serde_json::from_str::<Value>(&arguments)
         };
         let args = match args {
             Ok(v) => v,
@@ -565,6 +577,7 @@ impl Act {
         let mut turn = Turn::new(bus, Origin::Api, p.request, timeout);
         turn.hints = p.hints;
         turn.route = p.route;
+        turn.pii = p.pii;
         turn.request.stream = Some(false);
         turn.request.stream_options = None;
         turn.ctx.annotate(|m| m.acted = true);
@@ -582,7 +595,7 @@ impl Act {
             .run_calls(&turn, &mut messages, &p.calls, &rejected)
             .await?;
         let offered = self.offered();
-        let reply = self
+        let mut reply = self
             .run_complete(
                 p.model,
                 &turn,
@@ -593,6 +606,10 @@ impl Act {
                 done,
             )
             .await?;
+        // The guard stage is not on this path: put the real values back here.
+        if let (Some(pii), Reply::Complete(c)) = (&turn.pii, &mut reply) {
+            pii.restore_json(&mut c.body);
+        }
         Ok((reply, turn.ctx.clone()))
     }
 }

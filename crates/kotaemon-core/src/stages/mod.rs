@@ -5,6 +5,7 @@
 pub mod act;
 pub mod cache;
 pub mod llm;
+pub mod pii_guard;
 pub mod router;
 pub mod rules;
 pub mod system_prompt;
@@ -26,6 +27,7 @@ pub struct StagesConfig {
     pub system_prompt: system_prompt::SystemPromptConfig,
     pub llm: llm::LlmConfig,
     pub act: act::ActConfig,
+    pub pii_guard: pii_guard::PiiGuardConfig,
 }
 
 impl StagesConfig {
@@ -42,6 +44,8 @@ pub struct StageDeps {
     pub tools: Arc<ToolRegistry>,
     /// The tool loop, built by the app (the actions API resumes its pending actions).
     pub act: Option<Arc<act::Act>>,
+    /// The contacts directory's config: the guard recognizes its names.
+    pub contacts: crate::tools::contacts::ContactsConfig,
 }
 
 /// Builds the pipeline in canonical order; every problem is reported with its key path.
@@ -54,7 +58,13 @@ pub fn build(
     let mut warnings = Vec::new();
     let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
     let mut problems = Vec::new();
-    // Local rules first: instant answers never wait for anything else.
+    // The guard first (and so last on the way out): nothing further in sees real values.
+    match pii_guard::PiiGuard::new(&config.pii_guard, &deps.contacts) {
+        Ok(Some(s)) => stages.push(Arc::new(s)),
+        Ok(None) => {}
+        Err(mut p) => problems.append(&mut p),
+    }
+    // Local rules next: instant answers never wait for anything else.
     match rules::Rules::new(&config.rules, deps.tools.clone()) {
         Ok(Some(s)) => stages.push(Arc::new(s)),
         Ok(None) => {}

@@ -212,11 +212,15 @@ impl Rules {
         let Some(tool) = &intent.tool else {
             return Some((intent.name.clone(), render(&intent.answer, &slots, now)));
         };
-        let args = render_json(
+        let mut args = render_json(
             &serde_json::Value::Object(tool.arguments.clone()),
             &slots,
             now,
         );
+        // Slots hold what the guard left in the text (pseudonyms); the tool gets real values.
+        if let Some(pii) = &turn.pii {
+            pii.restore_json(&mut args);
+        }
         let ctx = ToolCtx {
             idempotency_key: format!("{}-rule", turn.id()),
         };

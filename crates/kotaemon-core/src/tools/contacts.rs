@@ -258,7 +258,7 @@ pub fn build(config: &ContactsConfig) -> Result<Vec<Arc<dyn Tool>>, Vec<String>>
     Ok(vec![Arc::new(Lookup {
         spec: ToolSpec {
             name: "contacts_lookup".into(),
-            description: "Find a person in the local directory by name, alias or surname + title (张经理, Manager Zhang); returns name, email and title. Use it to get attendees' emails.".into(),
+            description: "Find a person in the local directory by name, alias, or surname + title (e.g. a surname followed by 经理/总监, or Manager + surname); returns name, email and title. Use it to get attendees' emails.".into(),
             parameters: json!({"type": "object", "properties": {
                 "name": {"type": "string", "minLength": 1, "description": "The name as the user said it"}},
                 "required": ["name"], "additionalProperties": false}),

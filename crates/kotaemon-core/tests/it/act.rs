@@ -79,9 +79,10 @@ async fn the_model_calls_a_device_tool_and_answers_with_its_result() {
     let fake = FakeUpstream::bind_loopback().await.unwrap();
     let agent = agent(&fake, "").await;
     for stream in [false, true] {
+        // The cloud only ever saw pseudonyms, so it writes pseudonyms.
         fake.push(calls(vec![
-            call("contacts_lookup", r#"{"name": "张经理"}"#),
-            call("contacts_lookup", r#"{"name": "Director Li"}"#),
+            call("contacts_lookup", r#"{"name": "<PERSON_1>"}"#),
+            call("contacts_lookup", r#"{"name": "<PERSON_2>"}"#),
         ]));
         fake.push(text("张伟 and 李娜 found."));
         let before = fake.chat_request_count();
@@ -108,10 +109,29 @@ async fn the_model_calls_a_device_tool_and_answers_with_its_result() {
         assert_eq!(answer, "张伟 and 李娜 found.");
         assert_eq!(fake.chat_request_count(), before + 2);
         // The offered tools reached the cloud; the results went back in order.
+        // The results went back in order — masked: the cloud sees pseudonyms, never the
+        // people's names or emails.
         let results = tool_results(&fake, before + 1);
         assert_eq!(results.len(), 2);
-        assert_eq!(results[0]["matches"][0]["email"], "zhang.wei@example.com");
-        assert_eq!(results[1]["matches"][0]["email"], "li.na@example.com");
+        let email = |i: usize| {
+            results[i]["matches"][0]["email"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(email(0).starts_with("<EMAIL_") && email(1).starts_with("<EMAIL_"));
+        assert_ne!(email(0), email(1));
+        let seen: String = fake.requests().iter().map(|r| r.body.to_string()).collect();
+        for real in [
+            "张伟",
+            "李娜",
+            "张经理",
+            "李总监",
+            "zhang.wei@example.com",
+            "li.na@example.com",
+        ] {
+            assert!(!seen.contains(real), "{real} reached the cloud: {seen}");
+        }
     }
     let chats: Vec<_> = fake.requests();
     let offered = chats
@@ -191,7 +211,7 @@ async fn malformed_calls_go_back_to_the_model_and_endless_calling_stops() {
 async fn dangerous_tools_wait_for_confirmation() {
     let fake = FakeUpstream::bind_loopback().await.unwrap();
     let agent = agent(&fake, "[stages.act]\nconfirm = [\"contacts_*\"]\n").await;
-    for (decision, expect) in [("confirm", "zhang.wei@example.com"), ("reject", "rejected")] {
+    for (decision, expect) in [("confirm", "<EMAIL_1>"), ("reject", "rejected")] {
         fake.push(calls(vec![call(
             "contacts_lookup",
             r#"{"name": "张经理"}"#,

@@ -22,6 +22,7 @@ fn name(e: &TurnEvent) -> String {
         TurnEvent::RetryBudgetExhausted { .. } => "retry_budget_exhausted".into(),
         TurnEvent::TokensUsed { .. } => "tokens_used".into(),
         TurnEvent::ToolCalled { tool, outcome, .. } => format!("tool({tool}:{outcome})"),
+        TurnEvent::PiiMasked { entity, count, .. } => format!("pii({entity}:{count})"),
         TurnEvent::BreakerChanged { to, .. } => format!("breaker({})", to.as_str()),
         TurnEvent::HealthChanged { healthy, .. } => format!("health({healthy})"),
         TurnEvent::Overhead { .. } => "overhead".into(),
@@ -62,6 +63,7 @@ async fn event_sequences_of_whole_turns() {
         sequence(&agent, ask(false)).await,
         [
             "turn_started(stream=false)",
+            "stage(pii_guard:clean)",
             "routed(cloud:no_local_model)",
             "stage(llm:cloud)",
             "attempt(1)",
@@ -75,6 +77,7 @@ async fn event_sequences_of_whole_turns() {
         sequence(&agent, ask(true)).await,
         [
             "turn_started(stream=true)",
+            "stage(pii_guard:clean)",
             "routed(cloud:no_local_model)",
             "stage(llm:cloud)",
             "attempt(1)",
@@ -92,6 +95,7 @@ async fn event_sequences_of_whole_turns() {
         sequence(&agent, ask(false)).await,
         [
             "turn_started(stream=false)",
+            "stage(pii_guard:clean)",
             "routed(cloud:no_local_model)",
             "stage(llm:cloud)",
             "attempt(1)",

@@ -12,6 +12,7 @@ mod harness;
 mod local;
 mod mcp;
 mod mqtt;
+mod pii;
 mod plugins;
 mod pool;
 mod rules;

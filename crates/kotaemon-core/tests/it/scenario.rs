@@ -69,13 +69,15 @@ fn calls(list: &[(&str, Value)]) -> Script {
 }
 
 /// What a capable model does with the request: look the people up, check the slot, book it.
-fn script_the_cloud(fake: &FakeUpstream, people: [&str; 2], summary: &str, answer: &str) {
+/// It only ever sees pseudonyms (the guard masked the request and every tool result), so it
+/// writes pseudonyms; the device puts the real values back before the tools run.
+fn script_the_cloud(fake: &FakeUpstream, summary: &str, answer: &str) {
     let day = tomorrow_china();
     let start = format!("{day}T10:00");
     let end = format!("{day}T11:00");
     fake.push(calls(&[
-        ("contacts_lookup", json!({"name": people[0]})),
-        ("contacts_lookup", json!({"name": people[1]})),
+        ("contacts_lookup", json!({"name": "<PERSON_1>"})),
+        ("contacts_lookup", json!({"name": "<PERSON_2>"})),
     ]));
     fake.push(calls(&[(
         "calendar_find_conflicts",
@@ -84,8 +86,8 @@ fn script_the_cloud(fake: &FakeUpstream, people: [&str; 2], summary: &str, answe
     fake.push(calls(&[(
         "calendar_create_event",
         json!({"summary": summary, "start": start, "end": end, "attendees": [
-            {"name": "张伟", "email": "zhang.wei@example.com"},
-            {"name": "李娜", "email": "li.na@example.com"}]}),
+            {"name": "<PERSON_3>", "email": "<EMAIL_1>"},
+            {"name": "<PERSON_4>", "email": "<EMAIL_2>"}]}),
     )]));
     fake.push(Script {
         text: Some(answer.to_string()),
@@ -111,12 +113,7 @@ async fn meeting_room_assistant_books_the_meeting_in_chinese_and_english() {
     let agent = Agent::start_toml(&config(&radicale, &fake)).await;
     let day = tomorrow_china();
 
-    script_the_cloud(
-        &fake,
-        ["张经理", "李总监"],
-        "产品发布",
-        "已为您创建明天上午10点的产品发布会会议",
-    );
+    script_the_cloud(&fake, "产品发布", "已为您创建明天上午10点的产品发布会会议");
     let reply = agent
         .chat(json!({"model": "fake-model", "messages": [{"role": "user",
             "content": "帮我安排明天上午10点的会议,主题是产品发布,邀请张经理和李总监"}]}))
@@ -128,8 +125,13 @@ async fn meeting_room_assistant_books_the_meeting_in_chinese_and_english() {
     );
     assert_eq!(fake.chat_request_count(), 4);
     let results = tool_messages(&fake);
-    assert_eq!(results[0]["matches"][0]["email"], "zhang.wei@example.com");
-    assert_eq!(results[1]["matches"][0]["email"], "li.na@example.com");
+    assert_eq!(results[0]["matches"][0]["email"], "<EMAIL_1>");
+    assert_eq!(results[1]["matches"][0]["email"], "<EMAIL_2>");
+    // No name, title-name or email of the people ever reached the cloud.
+    let seen: String = fake.requests().iter().map(|r| r.body.to_string()).collect();
+    for real in ["张经理", "李总监", "张伟", "李娜", "zhang.wei@", "li.na@"] {
+        assert!(!seen.contains(real), "{real} reached the cloud");
+    }
     assert!(
         results[2].to_string().contains("[]") || results[2]["conflicts"] == json!([]),
         "the slot was free: {}",
@@ -152,7 +154,6 @@ async fn meeting_room_assistant_books_the_meeting_in_chinese_and_english() {
     let before = fake.chat_request_count();
     script_the_cloud(
         &fake,
-        ["Manager Zhang", "Director Li"],
         "Product launch",
         "There is already a meeting at 10; shall I book 11?",
     );
@@ -167,7 +168,9 @@ async fn meeting_room_assistant_books_the_meeting_in_chinese_and_english() {
     );
     assert_eq!(fake.chat_request_count(), before + 4);
     let results = tool_messages(&fake);
-    assert_eq!(results[0]["matches"][0]["email"], "zhang.wei@example.com");
+    assert_eq!(results[0]["matches"][0]["email"], "<EMAIL_1>");
+    let seen: String = fake.requests().iter().map(|r| r.body.to_string()).collect();
+    assert!(!seen.contains("Manager Zhang") && !seen.contains("zhang.wei@"));
     assert!(
         results[2].to_string().contains("产品发布"),
         "the conflict is reported to the model: {}",

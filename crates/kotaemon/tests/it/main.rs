@@ -521,8 +521,8 @@ async fn chat_asks_before_a_dangerous_tool_runs_and_ask_refuses_to_guess() {
     assert!(stdout.contains("Found Zhang Wei."), "{stdout}");
     let second = &fake.requests()[1].body;
     assert!(
-        second.to_string().contains("zhang.wei@example.com"),
-        "the confirmed lookup ran: {second}"
+        second.to_string().contains("<EMAIL_1>") && !second.to_string().contains("zhang.wei@"),
+        "the confirmed lookup ran, its result masked for the cloud: {second}"
     );
 
     // A one-shot `ask` cannot wait for a decision: exit code 3, nothing done.
