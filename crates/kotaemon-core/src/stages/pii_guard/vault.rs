@@ -230,4 +230,55 @@ mod tests {
         out.push_str(&s.finish(&v));
         assert_eq!(out, "已通知张经理，a < b done <");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn fragment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("张经理".to_string()),
+                Just("13800138000".to_string()),
+                Just("+86 139 0013 9000".to_string()),
+                Just("zhang.wei@example.com".to_string()),
+                Just("11010519491231002X".to_string()),
+                Just("<PERSON_1>".to_string()),
+                Just("<PHONE_".to_string()),
+                Just("<".to_string()),
+                Just(">".to_string()),
+                "[a-zA-Z0-9 <>_@.:-]{0,8}",
+                "\\PC{0,6}",
+            ]
+        }
+
+        proptest! {
+            /// mask → restore is the identity on any text, and a stream cut anywhere restores
+            /// to the same text.
+            #[test]
+            fn mask_then_restore_is_the_identity(
+                parts in proptest::collection::vec(fragment(), 0..16),
+                cuts in proptest::collection::vec(0usize..64, 0..8),
+            ) {
+                let text: String = parts.concat();
+                let r = recognizers();
+                let v = Vault::new(Replace::Pseudonym);
+                let masked = v.mask(&r, &text);
+                prop_assert_eq!(v.restore(&masked), text.clone());
+                let mut stream = StreamRestorer::default();
+                let mut out = String::new();
+                let mut at = 0;
+                for c in cuts {
+                    let mut end = (at + c).min(masked.len());
+                    while !masked.is_char_boundary(end) {
+                        end += 1;
+                    }
+                    out.push_str(&stream.push(&v, &masked[at..end]));
+                    at = end;
+                }
+                out.push_str(&stream.push(&v, &masked[at..]));
+                out.push_str(&stream.finish(&v));
+                prop_assert_eq!(out, text);
+            }
+        }
+    }
 }
