@@ -608,7 +608,8 @@ async fn bad_login_missing_calendar_and_dead_server_fail_clearly() {
         .await,
     );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        // A hang guard, not a timing claim: the machine may be loaded.
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
@@ -629,7 +630,8 @@ async fn bad_login_missing_calendar_and_dead_server_fail_clearly() {
     )
     .await;
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        // A hang guard, not a timing claim: the machine may be loaded.
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
