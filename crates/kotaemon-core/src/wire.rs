@@ -73,6 +73,18 @@ pub enum MessageContent {
 }
 
 impl ChatRequest {
+    /// One user utterance, answered whole (plugins, the MQTT bridge).
+    pub fn utterance(model: &str, text: impl Into<String>) -> Self {
+        ChatRequest {
+            model: model.to_string(),
+            messages: vec![ChatMessage::text(Role::User, text)],
+            stream: Some(false),
+            stream_options: None,
+            tools: None,
+            extra: Map::new(),
+        }
+    }
+
     pub fn wants_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }

@@ -8,7 +8,7 @@ use crate::api::error::ApiError;
 use crate::events::{EventBus, TurnEvent, TurnOutcome};
 use crate::pipeline::Pipeline;
 use crate::turn::{Origin, Reply, Turn};
-use crate::wire::{ChatMessage, ChatRequest, Role};
+use crate::wire::ChatRequest;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -61,14 +61,7 @@ impl AgentHandle {
     /// Runs `text` as a user turn (origin `plugin`) and returns the answer's text, or the
     /// error a client would have received.
     pub async fn ask(&self, model: &str, text: &str) -> Result<String, ApiError> {
-        let request = ChatRequest {
-            model: model.to_string(),
-            messages: vec![ChatMessage::text(Role::User, text)],
-            stream: Some(false),
-            stream_options: None,
-            tools: None,
-            extra: Default::default(),
-        };
+        let request = ChatRequest::utterance(model, text);
         let turn = Turn::new(
             self.deps.bus.clone(),
             Origin::Plugin,

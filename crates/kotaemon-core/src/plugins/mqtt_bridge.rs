@@ -24,7 +24,7 @@ use crate::events::json::event_json;
 use crate::events::{Subscription, TurnEvent, TurnOutcome};
 use crate::mqtt_conn::{self, Backoff, Broker};
 use crate::turn::{Origin, Reply, Turn, TurnCtx};
-use crate::wire::{ChatMessage, ChatRequest, Role};
+use crate::wire::ChatRequest;
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
@@ -366,14 +366,7 @@ impl Bridge {
 
     /// Runs one utterance as a turn; `None` when the agent is shutting down.
     async fn run_turn(&self, text: String, id: &Value) -> Option<Value> {
-        let request = ChatRequest {
-            model: self.model.clone(),
-            messages: vec![ChatMessage::text(Role::User, text)],
-            stream: Some(false),
-            stream_options: None,
-            tools: None,
-            extra: Default::default(),
-        };
+        let request = ChatRequest::utterance(&self.model, text);
         let turn = Turn::new(
             self.deps.bus.clone(),
             Origin::Mqtt,
