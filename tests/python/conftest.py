@@ -7,10 +7,13 @@ Every HTTP call made here has a timeout; every wait is a bounded poll.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import tempfile
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,11 +49,24 @@ def http_client(**kwargs: Any) -> httpx.Client:
     return httpx.Client(trust_env=False, **kwargs)
 
 
+_SESSION_DATA_DIR = tempfile.mkdtemp(prefix="kotaemon-pytest-")
+atexit.register(shutil.rmtree, _SESSION_DATA_DIR, True)
+_DEFAULT_MODELS_DIR = (
+    Path(os.environ["KOTAEMON_DATA_DIR"]) / "models"
+    if os.environ.get("KOTAEMON_DATA_DIR")
+    else Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "kotaemon" / "models"
+)
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a child process: ours without any KOTAEMON_* variable (those are
     config overrides for the agent), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KOTAEMON_")}
     env.setdefault("RUST_BACKTRACE", "1")
+    # Audit log and cache go to a directory of this test session, not the user's; installed
+    # models are still found where `kotaemon models install` put them.
+    env["KOTAEMON_DATA_DIR"] = _SESSION_DATA_DIR
+    env["KOTAEMON_MODELS_DIR"] = os.environ.get("KOTAEMON_MODELS_DIR") or str(_DEFAULT_MODELS_DIR)
     env.update(extra or {})
     return env
 

@@ -2,8 +2,10 @@
 //! background tasks, HTTP router. Everything is built and checked here, at start-up, so a bad
 //! config fails `serve` and `doctor` instead of the first request.
 
+use crate::api::auth::Clients;
 use crate::api::{self, ApiState};
-use crate::config::{Config, ConfigError, Secret};
+use crate::audit::AuditLog;
+use crate::config::{Config, ConfigError};
 use crate::cost::CloudBudget;
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent};
@@ -36,7 +38,7 @@ pub struct App {
     pub tools: Arc<ToolRegistry>,
     /// The tool loop (pending actions are confirmed or rejected through it).
     pub act: Option<Arc<Act>>,
-    keys: Arc<[Secret]>,
+    clients: Arc<Clients>,
     /// Parts that are configured but not serving (local model, cache), and why. The agent
     /// runs without them; `doctor` reports them.
     pub warnings: Vec<String>,
@@ -112,7 +114,14 @@ impl App {
         let metrics = metrics_handle();
         drop(metrics);
         let mut problems = config.problems();
-        let bus = EventBus::new(1024);
+        let audit = match AuditLog::open(&config.audit) {
+            Ok(a) => a,
+            Err(e) => {
+                problems.push(format!("audit.dir: {e}"));
+                AuditLog::disabled()
+            }
+        };
+        let bus = EventBus::new(1024).with_audit(audit);
         let mut members = Vec::new();
         for (i, u) in config.upstreams.iter().enumerate() {
             match OpenAiUpstream::new(u, &format!("upstreams[{i}]")) {
@@ -144,13 +153,13 @@ impl App {
             let breaker = Breaker::new(up.name().clone(), config.pool.breaker.clone(), bus.clone());
             members.push(Member::new(up, weight, Default::default(), breaker));
         }
-        let mut keys = Vec::new();
-        for (i, k) in config.server.api_keys.iter().enumerate() {
-            match k.resolve() {
-                Ok(s) => keys.push(s),
-                Err(e) => problems.push(format!("server.api_keys[{i}]: {e}")),
+        let clients = match Clients::build(&config.server.api_keys, &config.server.clients) {
+            Ok(c) => c,
+            Err(mut p) => {
+                problems.append(&mut p);
+                Clients::default()
             }
-        }
+        };
         let pool = Arc::new(Pool::new(members, config.pool.clone(), seed));
         let budget = Arc::new(CloudBudget::new(&config.budget));
         let tools = match tools::build(&config.tools) {
@@ -200,7 +209,7 @@ impl App {
                     pipeline,
                     tools,
                     act,
-                    keys: keys.into(),
+                    clients: Arc::new(clients),
                     warnings,
                     stop: CancellationToken::new(),
                     tasks: TaskTracker::new(),
@@ -262,7 +271,7 @@ impl App {
             pipeline: self.pipeline.clone(),
             pool: self.pool.clone(),
             bus: self.bus.clone(),
-            keys: self.keys.clone(),
+            clients: self.clients.clone(),
             metrics: metrics_handle(),
             turn_timeout: Duration::from_millis(self.config.server.turn_timeout_ms),
             turn_slots: Arc::new(Semaphore::new(self.config.server.max_concurrent_turns)),
@@ -279,7 +288,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
-        if self.keys.is_empty() && !addr.ip().is_loopback() {
+        if self.clients.is_empty() && !addr.ip().is_loopback() {
             tracing::warn!(
                 %addr,
                 "!!! listening on a non-loopback address WITHOUT client API keys: anyone who can reach \
@@ -295,9 +304,13 @@ impl App {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        // Peer addresses for the log of refused requests.
+        let result = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         self.shutdown().await;
         result
     }

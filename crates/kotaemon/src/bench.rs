@@ -279,7 +279,9 @@ async fn gateway(rates: Vec<u32>, seconds: u64, concurrency: usize) -> anyhow::R
         &config_path,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nmax_concurrent_turns = 100000\n[log]\nlevel = \"warn\"\n\
-             [[upstreams]]\nname = \"fake\"\nbase_url = \"{upstream}\"\n"
+             [audit]\ndir = {:?}\n\
+             [[upstreams]]\nname = \"fake\"\nbase_url = \"{upstream}\"\n",
+            dir.join("audit")
         ),
     )?;
     let agent = Proc(
@@ -298,7 +300,7 @@ async fn gateway(rates: Vec<u32>, seconds: u64, concurrency: usize) -> anyhow::R
     let through: hyper::Uri = format!("http://127.0.0.1:{port}/v1/chat/completions").parse()?;
 
     println!("kotaemon bench gateway: fake upstream with zero added latency; load generator, agent and upstream share this machine ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("{seconds} s per cell; latency = whole response (complete) or first byte (stream); open loop at fixed rates");
+    println!("{seconds} s per cell; latency = whole response (complete) or first byte (stream); open loop at fixed rates; audit log on (as shipped: one write-ahead record per upload)");
     println!();
     println!(
         "{:<9} {:>6} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>7} {:>6}",

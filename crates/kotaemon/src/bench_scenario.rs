@@ -84,10 +84,15 @@ struct Split {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let radicale = Radicale::start().await.map_err(anyhow::Error::msg)?;
     let fake = FakeUpstream::bind_loopback().await?;
+    // The audit log is on, as shipped, in a directory of this run.
+    let audit_dir =
+        std::env::temp_dir().join(format!("kotaemon-bench-audit-{}", std::process::id()));
     let toml = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
+[audit]
+dir = {audit_dir:?}
 [local]
 enabled = false
 [stages.cache]
@@ -222,6 +227,7 @@ title = "技术总监"
         "\n{calls} cloud calls per turn; {events_left} events in Radicale after {} turns (one per turn, warm-up included)",
         args.turns + 1
     );
+    let _ = std::fs::remove_dir_all(&audit_dir);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -64,11 +64,31 @@ pub async fn run(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     if app.pool.has_local() {
         println!("  ok    local model `{}` loaded", app.config.local.name);
     }
-    if app.config.server.api_keys.is_empty() && !app.config.server.listen.ip().is_loopback() {
-        println!(
-            "  WARN  server.listen is {} but no api_keys are set: the API is open to the network",
-            app.config.server.listen
-        );
+    let server = &app.config.server;
+    if server.api_keys.is_empty() && server.clients.is_empty() {
+        if !server.listen.ip().is_loopback() {
+            println!(
+                "  WARN  server.listen is {} but no client keys are set: the API is open to the network",
+                server.listen
+            );
+        }
+    } else {
+        let mut clients: Vec<String> = (0..server.api_keys.len())
+            .map(|i| format!("key-{i} [all scopes]"))
+            .collect();
+        clients.extend(server.clients.iter().map(|c| {
+            let scopes: Vec<&str> = c.scopes.iter().map(|s| s.as_str()).collect();
+            let rate = match c.requests_per_minute {
+                0 => String::new(),
+                n => format!(" {n}/min"),
+            };
+            format!("{} [{}]{rate}", c.name, scopes.join(","))
+        }));
+        println!("  ok    client keys: {}", clients.join("; "));
+    }
+    match app.bus.audit().dir() {
+        Some(dir) => println!("  ok    audit log: {}", dir.display()),
+        None => println!("  WARN  audit log is off ([audit] enabled = false)"),
     }
     println!("upstreams:");
     let probes = app.pool.members().iter().map(|m| async move {
@@ -112,8 +132,10 @@ pub async fn run(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 fn secret_refs(config: &Config) -> Vec<SecretRef> {
     let mut refs: Vec<SecretRef> = config.server.api_keys.clone();
+    refs.extend(config.server.clients.iter().map(|c| c.key.clone()));
     for u in &config.upstreams {
         refs.extend(u.api_key.clone());
+        refs.extend(u.client_key.clone());
         refs.extend(u.oauth2.as_ref().map(|o| o.client_secret.clone()));
     }
     refs

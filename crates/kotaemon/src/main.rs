@@ -1,5 +1,6 @@
 //! `kotaemon`: the edge agent's command line. `println!` lives here and nowhere else.
 
+mod audit_cli;
 mod bench;
 mod bench_cache;
 mod bench_local;
@@ -65,6 +66,11 @@ enum Command {
     },
     /// Check the configuration, secrets, file permissions and every upstream.
     Doctor,
+    /// The audit log of what left the device.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit_cli::AuditCmd,
+    },
     /// Install, list and verify model files.
     Models {
         /// Models directory (default: $KOTAEMON_MODELS_DIR or ~/.local/share/kotaemon/models).
@@ -191,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Models { dir, cmd } => models_cli::run(cmd, dir).await,
         Command::Doctor => doctor::run(cli.config.as_deref()).await,
+        Command::Audit { cmd } => audit_cli::run(cmd, cli.config.as_deref()),
         Command::Bench { which } => bench::run(which).await,
         Command::FakeUpstream {
             listen,

@@ -1,10 +1,11 @@
 //! The HTTP API for terminals: OpenAI-compatible chat completions (JSON and SSE), models,
 //! health, readiness, metrics and the OpenAPI document.
 
+pub mod auth;
 pub mod error;
 pub mod sse;
 
-use crate::config::{Secret, SecretRef};
+use crate::config::SecretRef;
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent, TurnOutcome};
 use crate::pipeline::Pipeline;
@@ -13,6 +14,7 @@ use crate::stages::cache::Directive;
 use crate::turn::{Origin, Reply, Route, Turn, TurnMeta};
 use crate::upstream::pool::Pool;
 use crate::wire::{ChatRequest, ModelEntry, ModelList};
+use auth::{ClientIdentity, Scope};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -44,7 +46,10 @@ pub const UPSTREAM_HEADER: &str = "x-kotaemon-upstream";
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Keys with every scope and no rate limit (see [`auth`]).
     pub api_keys: Vec<SecretRef>,
+    /// Named keys with scopes and rate limits.
+    pub clients: Vec<auth::ClientConfig>,
     pub metrics_public: bool,
     pub max_body_bytes: usize,
     pub max_concurrent_turns: usize,
@@ -56,6 +61,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_keys: Vec::new(),
+            clients: Vec::new(),
             metrics_public: false,
             max_body_bytes: 4 * 1024 * 1024,
             max_concurrent_turns: 256,
@@ -84,7 +90,7 @@ pub struct ApiState {
     pub pipeline: Pipeline,
     pub pool: Arc<Pool>,
     pub bus: EventBus,
-    pub keys: Arc<[Secret]>,
+    pub clients: Arc<auth::Clients>,
     pub metrics: PrometheusHandle,
     pub turn_timeout: Duration,
     pub turn_slots: Arc<Semaphore>,
@@ -93,21 +99,28 @@ pub struct ApiState {
 }
 
 pub fn router(state: ApiState, config: &ServerConfig) -> Router {
-    let mut protected = Router::new()
+    let guarded = |routes: Router<ApiState>, scope: Scope| {
+        routes.route_layer(middleware::from_fn_with_state(
+            (state.clone(), scope),
+            auth::require,
+        ))
+    };
+    let chat = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/kotaemon/actions/{id}", post(decide_action));
+    let admin = Router::new().route("/v1/kotaemon/audit", get(audit_records));
     let mut open = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi));
+    let mut protected = guarded(chat, Scope::Chat).merge(guarded(admin, Scope::Admin));
+    let metrics_route = Router::new().route("/metrics", get(metrics));
     if config.metrics_public {
-        open = open.route("/metrics", get(metrics));
+        open = open.merge(metrics_route);
     } else {
-        protected = protected.route("/metrics", get(metrics));
+        protected = protected.merge(guarded(metrics_route, Scope::Metrics));
     }
-    let protected =
-        protected.route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(protected)
         .merge(open)
@@ -134,6 +147,7 @@ async fn count_requests(request: Request, next: Next) -> Response {
         Some("/v1/chat/completions") => "/v1/chat/completions",
         Some("/v1/models") => "/v1/models",
         Some("/v1/kotaemon/actions/{id}") => "/v1/kotaemon/actions",
+        Some("/v1/kotaemon/audit") => "/v1/kotaemon/audit",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -143,45 +157,6 @@ async fn count_requests(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     m::http_request(route, response.status().as_u16());
     response
-}
-
-/// Which configured key authenticated a request: its index, never the key.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientKey(pub usize);
-
-async fn require_key(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
-    if state.keys.is_empty() {
-        return next.run(request).await;
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .map(str::to_owned);
-    let Some(key) = presented else {
-        return ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
-            .into_response();
-    };
-    // Compare against every key, without short-circuit, so timing says nothing.
-    let matched = state.keys.iter().enumerate().fold(None, |found, (i, k)| {
-        if k.matches(key.as_bytes()) {
-            Some(i)
-        } else {
-            found
-        }
-    });
-    match matched {
-        Some(i) => {
-            request.extensions_mut().insert(ClientKey(i));
-            next.run(request).await
-        }
-        None => ApiError::unauthorized("invalid API key").into_response(),
-    }
 }
 
 fn parse_chat_request(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, ApiError> {
@@ -256,7 +231,7 @@ fn field_path(path: &str, message: &str) -> Option<String> {
 
 async fn chat_completions(
     State(state): State<ApiState>,
-    client: Option<axum::Extension<ClientKey>>,
+    client: Option<axum::Extension<ClientIdentity>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -282,7 +257,7 @@ async fn chat_completions(
             .into_response()
         }
     };
-    turn.hints.client = client.map(|k| format!("key#{}", k.0 .0));
+    turn.hints.client = client.map(|c| c.0.name.to_string());
     turn.hints.cache = match headers.get(CACHE_HEADER).map(|v| v.to_str().unwrap_or("")) {
         None => None,
         Some("bypass") => Some(Directive::Bypass),
@@ -477,6 +452,58 @@ async fn list_models(State(state): State<ApiState>) -> Response {
         data,
     })
     .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    turn: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/kotaemon/audit?turn=&limit=`: this agent's newest audit records (admin scope).
+async fn audit_records(
+    State(state): State<ApiState>,
+    query: Result<axum::extract::Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(query)) = query else {
+        return ApiError::bad_request(
+            "invalid_query",
+            "query parameters: `turn` (a turn id) and `limit` (1-1000)",
+        )
+        .into_response();
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return ApiError::bad_request("invalid_query", "limit: must be between 1 and 1000")
+            .with_param("limit")
+            .into_response();
+    }
+    let audit = state.bus.audit().clone();
+    if !audit.is_enabled() {
+        return ApiError::not_found("the audit log is disabled ([audit] enabled = false)")
+            .into_response();
+    }
+    let records =
+        tokio::task::spawn_blocking(move || audit.recent(query.turn.as_deref(), limit)).await;
+    match records {
+        Ok(Ok(data)) => {
+            axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+        }
+        Ok(Err(e)) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "audit_unreadable",
+            format!("could not read the audit log: {e}"),
+        )
+        .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "audit_unreadable",
+            "reading the audit log failed",
+        )
+        .into_response(),
+    }
 }
 
 async fn healthz() -> Response {

@@ -6,6 +6,7 @@ mod env;
 pub mod secret;
 
 use crate::api::ServerConfig;
+use crate::audit::AuditConfig;
 use crate::cost::BudgetConfig;
 use crate::plugins::PluginsConfig;
 use crate::stages::StagesConfig;
@@ -42,6 +43,8 @@ pub struct Config {
     pub tools: ToolsConfig,
     #[serde(default)]
     pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +154,7 @@ impl Config {
         self.stages.validate("stages", &mut p);
         self.budget.validate("budget", &mut p);
         self.plugins.validate("plugins", &mut p);
+        self.audit.validate("audit", &mut p);
         if tracing_subscriber_filter_ok(&self.log.level).is_err() {
             p.push(format!(
                 "log.level: `{}` is not a valid filter",

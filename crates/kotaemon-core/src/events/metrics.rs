@@ -37,6 +37,10 @@ pub const DEGRADED: &str = "kotaemon_degraded_turns_total";
 pub const TOOL_CALLS: &str = "kotaemon_tool_calls_total";
 pub const PII_MASKED: &str = "kotaemon_pii_masked_total";
 pub const TOOL_DURATION: &str = "kotaemon_tool_duration_seconds";
+pub const AUDIT_RECORDS: &str = "kotaemon_audit_records_total";
+pub const AUDIT_WRITE_FAILURES: &str = "kotaemon_audit_write_failures_total";
+pub const AUTH_REFUSALS: &str = "kotaemon_auth_refusals_total";
+pub const RATE_LIMITED: &str = "kotaemon_rate_limited_total";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
 pub const SIMILARITY_BUCKETS: &[f64] = &[
@@ -159,6 +163,19 @@ pub fn describe() {
     describe_counter!(
         PII_MASKED,
         "Personal values the guard replaced before anything left the device, by entity kind."
+    );
+    describe_counter!(AUDIT_RECORDS, "Records written to the audit log, by kind.");
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "Audit records that could not be written (disk full, permissions)."
+    );
+    describe_counter!(
+        AUTH_REFUSALS,
+        "API requests refused for their credentials, by reason (missing, invalid, scope)."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "API requests refused by a client key's rate limit, by client name."
     );
 }
 
@@ -321,6 +338,22 @@ pub fn local_generation(stats: &kotaemon_llama::GenStats) {
 
 pub fn cache_lookup_time(result: &'static str, d: std::time::Duration) {
     histogram!(CACHE_LOOKUP_TIME, "result" => result).record(d.as_secs_f64());
+}
+
+pub fn audit_record(kind: &'static str) {
+    counter!(AUDIT_RECORDS, "kind" => kind).increment(1);
+}
+
+pub fn audit_write_failed() {
+    counter!(AUDIT_WRITE_FAILURES).increment(1);
+}
+
+pub fn auth_refused(reason: &'static str) {
+    counter!(AUTH_REFUSALS, "reason" => reason).increment(1);
+}
+
+pub fn rate_limited(client: &str) {
+    counter!(RATE_LIMITED, "client" => client.to_string()).increment(1);
 }
 
 pub fn cache_guard_refusal(reason: &'static str) {

@@ -7,6 +7,7 @@
 pub mod json;
 pub mod metrics;
 
+use crate::audit::AuditLog;
 use crate::turn::{Origin, Route, TurnId};
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,16 +186,30 @@ impl TurnOutcome {
     }
 }
 
-/// Cheap to clone; one per process (or per test app).
+/// Where turns report: the broadcast of typed events (metrics, plugins, MQTT) and the durable
+/// audit log (what left the device). Cheap to clone; one per process (or per test app).
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<TurnEvent>>,
+    audit: AuditLog,
 }
 
 impl EventBus {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(16));
-        EventBus { tx }
+        EventBus {
+            tx,
+            audit: AuditLog::disabled(),
+        }
+    }
+
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     pub fn emit(&self, event: TurnEvent) {

@@ -18,7 +18,7 @@
 use crate::events::TurnEvent;
 use crate::pipeline::TurnError;
 use crate::stages::llm::ModelCall;
-use crate::tools::{Effect, ToolCtx, ToolError, ToolRegistry};
+use crate::tools::{Effect, ToolError, ToolRegistry};
 use crate::turn::{ChunkStream, Origin, Reply, Route, RouteHints, Turn};
 use crate::upstream::pool::PoolError;
 use crate::upstream::{Phase, StreamError, UpstreamError, UpstreamErrorKind};
@@ -465,15 +465,9 @@ impl Act {
     }
 
     fn emit(&self, turn: &Turn, name: &str, outcome: &'static str, elapsed: Duration) {
-        // Bounded labels: a name the model made up is "unknown".
-        let tool: Arc<str> = if self.tools.spec(name).is_some() {
-            name.into()
-        } else {
-            "unknown".into()
-        };
         turn.ctx.emit(TurnEvent::ToolCalled {
             turn: turn.id().clone(),
-            tool,
+            tool: self.tools.label(name),
             outcome,
             elapsed,
         });
@@ -524,21 +518,12 @@ impl Act {
         } else {
             format!("{}-{}", turn.id(), call.id)
         };
-        let ctx = ToolCtx {
-            idempotency_key: key,
-        };
+        // What the model wrote (pseudonyms) is what the audit log keeps.
+        let audited = serde_json::from_str::<Value>(&call.arguments).unwrap_or(json!({}));
         let result = self
             .tools
-            .call(&call.name, args, &ctx, turn.deadline.remaining())
+            .call_for_turn(turn, &call.name, args, audited, key)
             .await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(ToolError::InvalidArguments(_)) => "invalid_arguments",
-            Err(ToolError::Failed(_)) => "failed",
-            Err(ToolError::Timeout(_)) => "timeout",
-            Err(ToolError::Internal(_)) => "internal",
-        };
-        self.emit(turn, &call.name, outcome, started.elapsed());
         match result {
             Ok(v) => Ok(v),
             Err(ToolError::Internal(message)) => {

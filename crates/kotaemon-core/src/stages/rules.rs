@@ -4,7 +4,7 @@
 
 use crate::events::TurnEvent;
 use crate::pipeline::{Next, Stage, TurnError};
-use crate::tools::{ToolCtx, ToolError, ToolRegistry};
+use crate::tools::ToolRegistry;
 use crate::turn::{Reply, Turn};
 use crate::wire::{LocalAnswer, Usage};
 use async_trait::async_trait;
@@ -217,35 +217,23 @@ impl Rules {
             &slots,
             now,
         );
-        // Slots hold what the guard left in the text (pseudonyms); the tool gets real values.
+        // Slots hold what the guard left in the text (pseudonyms); the tool gets real values,
+        // the audit log the pseudonyms.
+        let audited = args.clone();
         if let Some(pii) = &turn.pii {
             pii.restore_json(&mut args);
         }
-        let ctx = ToolCtx {
-            idempotency_key: format!("{}-rule", turn.id()),
-        };
-        let started = tokio::time::Instant::now();
         let result = self
             .tools
-            .call(&tool.name, args, &ctx, turn.deadline.remaining())
+            .call_for_turn(
+                turn,
+                &tool.name,
+                args,
+                audited,
+                format!("{}-rule", turn.id()),
+            )
             .await;
         turn.ctx.annotate(|m| m.acted = true);
-        turn.ctx.emit(TurnEvent::ToolCalled {
-            turn: turn.id().clone(),
-            tool: if self.tools.spec(&tool.name).is_some() {
-                tool.name.as_str().into()
-            } else {
-                "unknown".into()
-            },
-            outcome: match &result {
-                Ok(_) => "ok",
-                Err(ToolError::InvalidArguments(_)) => "invalid_arguments",
-                Err(ToolError::Failed(_)) => "failed",
-                Err(ToolError::Timeout(_)) => "timeout",
-                Err(ToolError::Internal(_)) => "internal",
-            },
-            elapsed: started.elapsed(),
-        });
         let answer = match result {
             Ok(_) => render(&intent.answer, &slots, now),
             Err(e) => {

@@ -11,6 +11,9 @@ pub mod http;
 pub mod mcp;
 pub mod mqtt;
 
+use crate::audit::AuditEntry;
+use crate::events::TurnEvent;
+use crate::turn::Turn;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -70,6 +73,18 @@ pub enum ToolError {
     Timeout(Duration),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ToolError {
+    /// The outcome label of events and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ToolError::InvalidArguments(_) => "invalid_arguments",
+            ToolError::Failed(_) => "failed",
+            ToolError::Timeout(_) => "timeout",
+            ToolError::Internal(_) => "internal",
+        }
+    }
 }
 
 #[async_trait]
@@ -213,6 +228,58 @@ impl ToolRegistry {
             Ok(result) => result,
             Err(_) => Err(ToolError::Timeout(limit)),
         }
+    }
+}
+
+impl ToolRegistry {
+    /// The tool's name for events and metric labels: a name the model made up is "unknown",
+    /// so labels stay bounded.
+    pub fn label(&self, name: &str) -> Arc<str> {
+        if self.spec(name).is_some() {
+            name.into()
+        } else {
+            "unknown".into()
+        }
+    }
+
+    /// Runs a tool on behalf of a turn: the call, its `ToolCalled` event and its audit record.
+    /// `args` are the real values the tool needs; `audited_args` are what the log keeps: the
+    /// arguments as the model (or rule) wrote them, with pseudonyms.
+    pub async fn call_for_turn(
+        &self,
+        turn: &Turn,
+        name: &str,
+        args: Value,
+        audited_args: Value,
+        idempotency_key: String,
+    ) -> Result<Value, ToolError> {
+        let started = tokio::time::Instant::now();
+        let ctx = ToolCtx { idempotency_key };
+        let result = self.call(name, args, &ctx, turn.deadline.remaining()).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        let elapsed = started.elapsed();
+        let tool = self.label(name);
+        turn.ctx.emit(TurnEvent::ToolCalled {
+            turn: turn.id().clone(),
+            tool: tool.clone(),
+            outcome,
+            elapsed,
+        });
+        turn.ctx
+            .bus
+            .audit()
+            .record(AuditEntry::ToolCall {
+                turn: turn.id().to_string(),
+                tool: tool.to_string(),
+                arguments: audited_args,
+                outcome: outcome.to_string(),
+                elapsed_ms: elapsed.as_millis() as u64,
+            })
+            .await;
+        result
     }
 }
 

@@ -53,6 +53,12 @@ pub struct UpstreamConfig {
     /// Extra trusted root certificate(s), PEM. Verification itself cannot be turned off.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// mTLS: this device's certificate chain (PEM), presented when the upstream asks.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// mTLS: the certificate's private key (PEM), a secret reference (`file:/path` or `env:`).
+    #[serde(default)]
+    pub client_key: Option<SecretRef>,
     #[serde(default = "default_connect_ms")]
     pub connect_timeout_ms: u64,
     #[serde(default = "default_ttfb_ms")]
@@ -87,6 +93,8 @@ impl UpstreamConfig {
             query: BTreeMap::new(),
             headers: BTreeMap::new(),
             ca_file: None,
+            client_cert_file: None,
+            client_key: None,
             connect_timeout_ms: default_connect_ms(),
             ttfb_ms: default_ttfb_ms(),
             idle_ms: default_idle_ms(),

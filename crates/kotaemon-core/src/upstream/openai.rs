@@ -3,6 +3,7 @@
 
 use super::auth::Auth;
 use super::{Phase, Probe, Upstream, UpstreamConfig, UpstreamError, UpstreamErrorKind};
+use crate::config::SecretRef;
 use crate::turn::{ChunkStream, Deadline};
 use crate::wire::{ChatRequest, Chunk, Completion, ModelList};
 use async_trait::async_trait;
@@ -61,6 +62,16 @@ impl OpenAiUpstream {
                     ca.display()
                 )),
             }
+        }
+        match (&cfg.client_cert_file, &cfg.client_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => match client_identity(cert, key) {
+                Ok(identity) => builder = builder.identity(identity),
+                Err(e) => problems.push(format!("{path}.client_cert_file: {e}")),
+            },
+            _ => problems.push(format!(
+                "{path}: mTLS needs both client_cert_file and client_key"
+            )),
         }
         let client = builder
             .build()
@@ -452,4 +463,20 @@ async fn next_chunk(
             Err(e) => err(UpstreamErrorKind::Malformed(e)),
         };
     }
+}
+
+/// The device's TLS client identity: certificate chain and private key, both PEM. Errors name
+/// the files, never the key's content.
+fn client_identity(cert: &std::path::Path, key: &SecretRef) -> Result<reqwest::Identity, String> {
+    let mut pem =
+        std::fs::read(cert).map_err(|e| format!("cannot read `{}`: {e}", cert.display()))?;
+    let key_pem = key.resolve()?;
+    pem.push(b'\n');
+    pem.extend_from_slice(key_pem.expose().as_bytes());
+    reqwest::Identity::from_pem(&pem).map_err(|_| {
+        format!(
+            "`{}` with key `{key}` is not a PEM certificate chain and private key",
+            cert.display()
+        )
+    })
 }

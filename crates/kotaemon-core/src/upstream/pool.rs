@@ -6,6 +6,7 @@
 use super::breaker::{Admission, Breaker, BreakerConfig};
 use super::health::HealthConfig;
 use super::{Upstream, UpstreamError};
+use crate::audit::AuditEntry;
 use crate::events::TurnEvent;
 use crate::turn::{ChunkStream, Deadline, Route, RouteHints, TurnCtx};
 use crate::wire::{ChatRequest, Completion};
@@ -504,6 +505,19 @@ impl Pool {
                 settled: false,
                 started: Instant::now(),
             };
+            let audit = ctx.bus.audit();
+            if !member.is_local && audit.is_enabled() {
+                // Write-ahead: the record is on disk before the request leaves.
+                audit
+                    .record(AuditEntry::UpstreamRequest {
+                        turn: ctx.id.to_string(),
+                        upstream: member.name().to_string(),
+                        model: upstream_model.to_string(),
+                        attempt: attempts,
+                        request: serde_json::to_value(request).unwrap_or_default(),
+                    })
+                    .await;
+            }
             match call(member.upstream.as_ref(), request, upstream_model).await {
                 Ok(value) => {
                     attempt.succeeded();

@@ -202,6 +202,7 @@ async fn openapi_document_describes_every_route() {
         ("/readyz", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
+        ("/v1/kotaemon/audit", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
@@ -217,6 +218,7 @@ async fn openapi_document_describes_every_route() {
             "{method} {path} is described but does not answer"
         );
     }
+    assert!(doc["paths"]["/v1/kotaemon/actions/{id}"]["post"].is_object());
     for status in ["400", "401", "404", "413", "429", "502", "503", "504"] {
         assert!(
             doc["paths"]["/v1/chat/completions"]["post"]["responses"][status].is_object(),

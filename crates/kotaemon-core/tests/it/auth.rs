@@ -151,3 +151,104 @@ async fn oauth2_client_credentials_token_is_fetched_once_and_reused() {
     }
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_rate_limits_and_refusals_are_logged() {
+    std::env::set_var("KOTAEMON_IT_PANEL_KEY", "panel-key-4711");
+    std::env::set_var("KOTAEMON_IT_OPS_KEY", "ops-key-0815");
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let agent = Agent::start(
+        &[("cloud", &fake)],
+        "",
+        "[[server.clients]]\nname = \"panel\"\nkey = \"env:KOTAEMON_IT_PANEL_KEY\"\nscopes = [\"chat\"]\n\
+         requests_per_minute = 1\nburst = 2\n\
+         [[server.clients]]\nname = \"ops\"\nkey = \"env:KOTAEMON_IT_OPS_KEY\"\nscopes = [\"metrics\", \"admin\"]\n\
+         [pool.health]\nenabled = false\n",
+    )
+    .await;
+    let as_key = |key: &str, req: reqwest::RequestBuilder| req.bearer_auth(key.to_string());
+    let chat = |key: &str| as_key(key, client().post(agent.chat_url()).json(&ask(false)));
+
+    // The panel may chat (twice: its burst), then the limit answers 429 with Retry-After.
+    assert_eq!(send(chat("panel-key-4711")).await.status, 200);
+    assert_eq!(send(chat("panel-key-4711")).await.status, 200);
+    let limited = send(chat("panel-key-4711")).await;
+    limited.assert_error(429);
+    assert_eq!(limited.error_code(), "rate_limit_exceeded");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(fake.chat_request_count(), 2);
+
+    // Scopes: the panel cannot read metrics or the audit log; ops cannot chat.
+    let metrics_url = format!("{}/metrics", agent.url);
+    let audit_url = format!("{}/v1/kotaemon/audit", agent.url);
+    let r = send(as_key("panel-key-4711", client().get(&metrics_url))).await;
+    r.assert_error(403);
+    assert_eq!(r.error_code(), "insufficient_scope");
+    send(as_key("panel-key-4711", client().get(&audit_url)))
+        .await
+        .assert_error(403);
+    send(chat("ops-key-0815")).await.assert_error(403);
+    let audit = send(as_key("ops-key-0815", client().get(&audit_url))).await;
+    assert_eq!(audit.status, 200, "{}", audit.body);
+    send(client().get(&audit_url)).await.assert_error(401);
+    send(as_key("wrong-key", client().get(&audit_url)))
+        .await
+        .assert_error(401);
+
+    // Every refusal is counted and in the audit log with the peer, never with a key.
+    let metrics = send(as_key("ops-key-0815", client().get(&metrics_url))).await;
+    let text = metrics.body.clone();
+    assert_eq!(
+        metric(
+            &text,
+            "kotaemon_auth_refusals_total",
+            &[("reason", "scope")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, "kotaemon_rate_limited_total", &[("client", "panel")]),
+        Some(1.0)
+    );
+    let records = audit_records(&agent.audit_dir);
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "auth_refused")
+        .collect();
+    let reasons: Vec<&str> = refused
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["scope", "scope", "scope", "missing", "invalid"]);
+    assert!(
+        refused.iter().all(|r| r["peer"] == "127.0.0.1"),
+        "{refused:?}"
+    );
+    assert_eq!(refused[1]["route"], "/v1/kotaemon/audit");
+    let log = serde_json::to_string(&records).unwrap();
+    for secret in ["panel-key-4711", "ops-key-0815", "wrong-key"] {
+        assert!(!log.contains(secret) && !text.contains(secret));
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn client_config_problems_are_reported_with_their_paths() {
+    let toml = "[server]\n[[server.clients]]\nname = \"bad name\"\nkey = \"env:KOTAEMON_IT_UNSET_KEY_X\"\nscopes = []\nburst = 3\n\
+                [[upstreams]]\nname = \"c\"\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+    let config = kotaemon_core::Config::from_toml_str(toml).unwrap();
+    let err = kotaemon_core::App::build(config).err().unwrap().to_string();
+    for want in [
+        "server.clients[0].name",
+        "server.clients[0].scopes",
+        "server.clients[0].burst",
+        "server.clients[0].key: environment variable `KOTAEMON_IT_UNSET_KEY_X` is not set",
+    ] {
+        assert!(err.contains(want), "{want} missing in {err}");
+    }
+}

@@ -9,6 +9,9 @@ pub struct Agent {
     pub url: String,
     pub bus: kotaemon_core::events::EventBus,
     pub pool: std::sync::Arc<kotaemon_core::upstream::pool::Pool>,
+    /// Where this agent's audit log goes (a temporary directory unless the TOML sets one).
+    pub audit_dir: std::path::PathBuf,
+    _audit_tmp: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -31,7 +34,14 @@ impl Agent {
     }
 
     pub async fn start_toml(toml: &str) -> Agent {
-        let config = Config::from_toml_str(toml).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"));
+        // Tests keep their audit logs to themselves.
+        let audit_tmp = (!toml.contains("[audit]")).then(|| tempfile::tempdir().unwrap());
+        let toml = match &audit_tmp {
+            Some(d) => format!("{toml}\n[audit]\ndir = {:?}\n", d.path()),
+            None => toml.to_string(),
+        };
+        let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"));
+        let audit_dir = config.audit.dir();
         let app = App::build_with_upstreams(config, Vec::new(), Some(7))
             .unwrap_or_else(|e| panic!("{e}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -45,6 +55,8 @@ impl Agent {
             url,
             bus,
             pool,
+            audit_dir,
+            _audit_tmp: audit_tmp,
             stop: Some(tx),
             task: Some(task),
         }
@@ -198,4 +210,23 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Every record in an audit directory (all series), as JSON.
+pub fn audit_records(dir: &std::path::Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
 }

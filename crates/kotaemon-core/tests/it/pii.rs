@@ -140,3 +140,75 @@ async fn redact_is_irreversible_and_block_keeps_the_turn_on_the_device() {
     assert!(!cloud_saw(&fake).contains("13800138000"));
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_shows_what_left_the_device_masked() {
+    use kotaemon_fake_upstream::ScriptToolCall;
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    // Step 1 the cloud asks the device to look up <PERSON_1>; step 2 it answers.
+    fake.push(Script {
+        tool_calls: vec![ScriptToolCall {
+            name: "contacts_lookup".into(),
+            arguments: r#"{"name": "<PERSON_1>"}"#.into(),
+        }],
+        ..Script::default()
+    });
+    fake.push(Script {
+        text: Some("done".into()),
+        ..Script::default()
+    });
+    let with_tools = toml(&fake, "mode = \"pseudonymize\"")
+        .replace("[tools.contacts]\n", "[tools.contacts]\nenabled = true\n");
+    let agent = Agent::start_toml(&with_tools).await;
+    let reply = agent.chat(ask(false)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let turn = reply.headers["x-kotaemon-turn-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    let records = audit_records(&agent.audit_dir);
+    let uploads: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "upstream_request")
+        .collect();
+    assert_eq!(uploads.len(), fake.chat_request_count(), "{records:?}");
+    for upload in &uploads {
+        assert_eq!(upload["turn"], turn.as_str());
+        assert_eq!(upload["upstream"], "cloud");
+        let sent = upload["request"].to_string();
+        assert!(
+            sent.contains("<PERSON_1>") && sent.contains("<PHONE_1>"),
+            "{sent}"
+        );
+    }
+    let tools: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "tool_call")
+        .collect();
+    assert_eq!(tools.len(), 1, "{records:?}");
+    assert_eq!(tools[0]["tool"], "contacts_lookup");
+    assert_eq!(tools[0]["arguments"], json!({"name": "<PERSON_1>"}));
+    assert_eq!(tools[0]["outcome"], "ok");
+    let log = serde_json::to_string(&records).unwrap();
+    for canary in CANARIES {
+        assert!(!log.contains(canary), "{canary} is in the audit log");
+    }
+    // The tool result went back to the cloud masked, and the log shows that second upload.
+    assert!(!uploads[1]["request"].to_string().contains("张伟"));
+    let chains = kotaemon_core::audit::verify_dir(&agent.audit_dir).unwrap();
+    assert_eq!(chains.len(), 1);
+    assert_eq!(chains[0].records, records.len() as u64);
+
+    // The same records through the admin API, filtered by turn.
+    let api = agent
+        .get(&format!("/v1/kotaemon/audit?turn={turn}&limit=10"))
+        .await;
+    assert_eq!(api.status, 200, "{}", api.body);
+    assert_eq!(api.json()["data"].as_array().unwrap().len(), 3);
+    agent
+        .get("/v1/kotaemon/audit?limit=0")
+        .await
+        .assert_error(400);
+    agent.stop().await;
+}

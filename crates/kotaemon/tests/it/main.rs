@@ -9,13 +9,22 @@ use std::time::Duration;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kotaemon"));
-    // Tests must not pick up a developer's environment.
+    // Tests must not pick up a developer's environment, nor write into their data directory
+    // (audit log, cache): one temporary data directory per test process.
     for (k, _) in std::env::vars() {
         if k.starts_with("KOTAEMON_") {
             c.env_remove(k);
         }
     }
+    c.env("KOTAEMON_DATA_DIR", test_data_dir());
     c
+}
+
+fn test_data_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap())
+        .path()
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -543,4 +552,85 @@ async fn chat_asks_before_a_dangerous_tool_runs_and_ask_refuses_to_guess() {
         text(&out.stderr)
     );
     assert_eq!(fake.chat_request_count(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_finds_an_edited_line_and_doctor_never_prints_secrets() {
+    let fake = FakeUpstream::bind_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let key_file = dir.path().join("client.key");
+    std::fs::write(&key_file, "client-key-SECRET-31337\n").unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let cfg = config_for(
+        dir.path(),
+        &fake.base_url(),
+        &format!(
+            "[audit]\ndir = {audit:?}\n[[server.clients]]\nname = \"panel\"\nkey = \"file:{}\"\nscopes = [\"chat\"]\nrequests_per_minute = 30\n",
+            key_file.display()
+        ),
+    );
+    for question in ["first question", "second question"] {
+        let c = cfg.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            run(bin()
+                .args(["ask", "--no-stream", "--config"])
+                .arg(&c)
+                .arg(question))
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let c = cfg.clone();
+    let doctor =
+        tokio::task::spawn_blocking(move || run(bin().args(["doctor", "--config"]).arg(&c)))
+            .await
+            .unwrap();
+    let said = format!("{}{}", text(&doctor.stdout), text(&doctor.stderr));
+    assert!(said.contains("client keys: panel [chat] 30/min"), "{said}");
+    assert!(said.contains("audit log:"), "{said}");
+    assert!(!said.contains("SECRET-31337"), "{said}");
+
+    let c = cfg.clone();
+    let ok = run(bin().args(["audit", "verify", "--config"]).arg(&c));
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let report = text(&ok.stdout);
+    assert_eq!(
+        report
+            .matches("1 records in 1 file(s), chain intact from its start")
+            .count(),
+        2,
+        "{report}"
+    );
+
+    // Two `ask` runs wrote two series; make one of them lie about what was sent.
+    let file = std::fs::read_dir(&audit)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let line = std::fs::read_to_string(&file).unwrap();
+    assert!(line.contains("question"));
+    std::fs::write(&file, line.replace("question", "answer")).unwrap();
+    // A single-record series has no later line to break, so append a forged continuation.
+    let mut record: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    record["seq"] = 2.into();
+    std::fs::write(
+        &file,
+        format!("{}{}\n", line.replace("question", "answer"), record),
+    )
+    .unwrap();
+    let bad = run(bin().args(["audit", "verify", "--dir"]).arg(&audit));
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("hash chain broken"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
