@@ -7,10 +7,12 @@ use crate::api::{self, ApiState};
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError};
 use crate::cost::CloudBudget;
+use crate::cost::Ledger;
 use crate::events::metrics as m;
 use crate::events::{EventBus, TurnEvent};
 use crate::pipeline::{Pipeline, TurnError};
 use crate::plugins::{self, PluginDeps};
+use crate::queue::JobQueue;
 use crate::stages::act::Act;
 use crate::stages::{self, StageDeps};
 use crate::tools::{self, ToolRegistry};
@@ -42,6 +44,10 @@ pub struct App {
     /// Parts that are configured but not serving (local model, cache), and why. The agent
     /// runs without them; `doctor` reports them.
     pub warnings: Vec<String>,
+    /// Cloud GPU lifecycle controllers (`[[gpu]]`), run by `start_background`.
+    gpu: Vec<crate::cost::lifecycle::Controller>,
+    /// The durable job queue (`[queue]`); its workers run with the background tasks.
+    pub queue: Option<Arc<JobQueue>>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -121,7 +127,14 @@ impl App {
                 AuditLog::disabled()
             }
         };
-        let bus = EventBus::new(1024).with_audit(audit);
+        let ledger = match Ledger::open(&config.usage) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!("usage.path: {e}"));
+                Ledger::disabled()
+            }
+        };
+        let bus = EventBus::new(1024).with_audit(audit).with_ledger(ledger);
         let mut members = Vec::new();
         for (i, u) in config.upstreams.iter().enumerate() {
             match OpenAiUpstream::new(u, &format!("upstreams[{i}]")) {
@@ -161,7 +174,30 @@ impl App {
             }
         };
         let pool = Arc::new(Pool::new(members, config.pool.clone(), seed));
+        let gpu =
+            crate::cost::lifecycle::build(&config.gpu, &pool, &bus).unwrap_or_else(|mut p| {
+                problems.append(&mut p);
+                Vec::new()
+            });
+        let queue = if config.queue.enabled {
+            match JobQueue::open(&config.queue) {
+                Ok(q) => Some(q),
+                Err(e) => {
+                    problems.push(format!("queue.path: {e}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let budget = Arc::new(CloudBudget::new(&config.budget));
+        if config.usage.enabled {
+            // Spending limits hold across restarts: today's and this month's spending so far.
+            match crate::cost::ledger::spending_now(&config.usage.db_path()) {
+                Ok(rows) => budget.preload(&rows),
+                Err(e) => problems.push(format!("usage.path: cannot read spending so far: {e}")),
+            }
+        }
         let tools = match tools::build(&config.tools) {
             Ok(t) => t,
             Err(mut p) => {
@@ -211,6 +247,8 @@ impl App {
                     act,
                     clients: Arc::new(clients),
                     warnings,
+                    gpu,
+                    queue,
                     stop: CancellationToken::new(),
                     tasks: TaskTracker::new(),
                 })
@@ -222,14 +260,29 @@ impl App {
         }
     }
 
-    /// Starts background work (health checks, MCP connections, plugins). Stopped by
-    /// [`App::shutdown`].
+    /// Starts background work (health checks, GPU lifecycle, MCP connections, plugins).
+    /// Stopped by [`App::shutdown`].
     pub fn start_background(&self) {
         self.tasks.spawn(health::run(
             self.pool.clone(),
             self.bus.clone(),
             self.stop.clone(),
         ));
+        for controller in &self.gpu {
+            controller.spawn(self.stop.clone(), &self.tasks);
+        }
+        if let Some(queue) = &self.queue {
+            crate::queue::spawn_workers(
+                queue.clone(),
+                crate::queue::WorkerDeps {
+                    pipeline: self.pipeline.clone(),
+                    pool: self.pool.clone(),
+                    bus: self.bus.clone(),
+                },
+                self.stop.clone(),
+                &self.tasks,
+            );
+        }
         tools::mcp::spawn_connections(
             &self.config.tools.mcp,
             self.tools.clone(),
@@ -276,6 +329,7 @@ impl App {
             turn_timeout: Duration::from_millis(self.config.server.turn_timeout_ms),
             turn_slots: Arc::new(Semaphore::new(self.config.server.max_concurrent_turns)),
             act: self.act.clone(),
+            queue: self.queue.clone(),
         };
         api::router(state, &self.config.server)
     }
@@ -319,6 +373,8 @@ impl App {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        // What finished turns recorded is committed before the process may exit.
+        self.bus.ledger().flush().await;
     }
 
     /// Runs one turn in-process (CLI `ask` and `chat`). The context tells, once the reply is

@@ -15,6 +15,7 @@ pub mod models;
 pub mod mqtt_conn;
 pub mod pipeline;
 pub mod plugins;
+pub mod queue;
 pub mod stages;
 pub mod tools;
 pub mod turn;

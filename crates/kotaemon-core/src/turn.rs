@@ -49,6 +49,8 @@ pub enum Origin {
     Mqtt,
     /// An in-process plugin.
     Plugin,
+    /// A job of the durable queue.
+    Queue,
 }
 
 impl Origin {
@@ -58,6 +60,7 @@ impl Origin {
             Origin::Cli => "cli",
             Origin::Mqtt => "mqtt",
             Origin::Plugin => "plugin",
+            Origin::Queue => "queue",
         }
     }
 }
@@ -89,17 +92,83 @@ pub struct TurnCtx {
     /// streams): the rest of the turn's time is the gateway's overhead.
     upstream_wait_ns: Arc<AtomicU64>,
     meta: Arc<std::sync::Mutex<TurnMeta>>,
+    /// Writes the turn's ledger row when the last clone of the context is gone — whichever
+    /// way the turn ended (API, stream, CLI, MQTT, client gone), exactly once.
+    _ledger_row: Arc<LedgerRow>,
+}
+
+struct LedgerRow {
+    id: TurnId,
+    bus: EventBus,
+    origin: Origin,
+    prompt_estimate: u64,
+    meta: Arc<std::sync::Mutex<TurnMeta>>,
+}
+
+impl Drop for LedgerRow {
+    fn drop(&mut self) {
+        let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let answered_by = meta.answered_by.unwrap_or("none");
+        let ledger = self.bus.ledger();
+        let saved = match answered_by {
+            "rules" | "cache" | "local" => {
+                let (prompt, completion) = meta.local_tokens;
+                // Rules and cache hits have no usage: the request itself is the prompt.
+                let prompt = if prompt == 0 {
+                    self.prompt_estimate
+                } else {
+                    prompt
+                };
+                ledger.pricing().reference_cost(prompt, completion)
+            }
+            _ => 0.0,
+        };
+        crate::events::metrics::turn_answered(answered_by);
+        if saved > 0.0 {
+            crate::events::metrics::cloud_cost_saved(answered_by, saved);
+        }
+        ledger.record_turn(crate::cost::ledger::TurnRow {
+            turn: self.id.to_string(),
+            origin: self.origin.as_str(),
+            client: meta.client.unwrap_or_default(),
+            answered_by,
+            degraded: meta.degraded,
+            saved_usd: saved,
+        });
+    }
 }
 
 impl TurnCtx {
     pub fn new(bus: EventBus) -> Self {
+        Self::for_request(bus, Origin::Api, 0)
+    }
+
+    fn for_request(bus: EventBus, origin: Origin, prompt_estimate: u64) -> Self {
+        let id = TurnId::new();
+        let meta: Arc<std::sync::Mutex<TurnMeta>> = Arc::default();
         TurnCtx {
-            id: TurnId::new(),
-            bus,
+            id: id.clone(),
+            bus: bus.clone(),
             started: Instant::now(),
             upstream_wait_ns: Arc::new(AtomicU64::new(0)),
-            meta: Arc::default(),
+            meta: meta.clone(),
+            _ledger_row: Arc::new(LedgerRow {
+                id,
+                bus,
+                origin,
+                prompt_estimate,
+                meta,
+            }),
         }
+    }
+
+    /// A rule or cache hit answered: who, and what the answer would have cost in tokens.
+    pub fn answered_on_device(&self, by: &'static str, answer: &str) {
+        let tokens = crate::cost::pricing::estimate_tokens(answer);
+        self.annotate(|m| {
+            m.answered_by = Some(by);
+            m.local_tokens = (0, tokens);
+        });
     }
     pub fn emit(&self, event: TurnEvent) {
         self.bus.emit(event);
@@ -133,11 +202,18 @@ pub struct TurnMeta {
     pub cache_similarity: Option<f32>,
     /// The cloud was wanted but could not answer; the local model did.
     pub degraded: bool,
+    /// Why (the `Degraded` event's reason code, e.g. `cloud_starting`), for the header.
+    pub degraded_reason: Option<&'static str>,
     /// Server-side tools ran: the answer depends on the world, not just the question, so it
     /// is never cached.
     pub acted: bool,
     /// A tool call waits for the user's confirmation (its action id).
     pub pending_action: Option<String>,
+    /// The client key's name (for the ledger and per-client budgets).
+    pub client: Option<String>,
+    /// Tokens of an answer made on the device: the local model's usage, or an estimate of a
+    /// rule's or cache hit's answer — what the cloud would have been paid for.
+    pub local_tokens: (u64, u64),
 }
 
 /// Where a turn's model call goes.
@@ -167,6 +243,11 @@ pub struct RouteHints {
     /// Which client key authenticated the turn ("key#N"), so clients never share cache
     /// entries. `None` when the API is open.
     pub client: Option<String>,
+    /// Work that can wait: never answered by the local model (fallback or spent budget); a
+    /// cloud that is away is an error, so the caller can queue the turn.
+    pub deferrable: bool,
+    /// Queued jobs run no device tools: a job may run twice after a crash.
+    pub no_device_tools: bool,
 }
 
 pub struct Turn {
@@ -188,7 +269,8 @@ impl Turn {
         request: ChatRequest,
         timeout: std::time::Duration,
     ) -> Self {
-        let ctx = TurnCtx::new(bus);
+        let prompt_estimate = crate::cost::pricing::estimate_request_tokens(&request);
+        let ctx = TurnCtx::for_request(bus, origin, prompt_estimate);
         ctx.emit(TurnEvent::TurnStarted {
             turn: ctx.id.clone(),
             origin,

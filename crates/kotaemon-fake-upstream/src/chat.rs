@@ -147,7 +147,7 @@ pub(crate) async fn handle(
     ) {
         return respond(stream, 200, "application/json", MALFORMED_JSON_BODY, close).await;
     }
-    let out = completion.body(&answer, prompt);
+    let out = completion.body(&answer, prompt, !script.omit_usage);
     write_full_or_half(stream, 200, &out, &extra, close, &script.fault).await
 }
 
@@ -216,7 +216,7 @@ async fn stream_answer(
     }
 
     wire::push_event(&mut out, &completion.finish_chunk(answer));
-    if include_usage {
+    if include_usage && !script.omit_usage {
         wire::push_event(&mut out, &completion.usage_chunk(answer, prompt));
     }
     wire::push_event(&mut out, b"[DONE]");

@@ -30,6 +30,8 @@ pub struct Script {
     pub tool_calls: Vec<ScriptToolCall>,
     /// `usage.prompt_tokens`; default: chars of all string message contents / 4, at least 1.
     pub prompt_tokens: Option<u32>,
+    /// Report no usage at all (as some self-hosted servers do), streamed or not.
+    pub omit_usage: bool,
     /// Byte-level misbehaviour.
     pub fault: Option<Fault>,
 }
@@ -46,6 +48,7 @@ impl Default for Script {
             echo: false,
             tool_calls: Vec::new(),
             prompt_tokens: None,
+            omit_usage: false,
             fault: None,
         }
     }
@@ -273,7 +276,7 @@ fn tool_call_json(i: usize, call: &ScriptToolCall) -> Value {
 
 impl Completion<'_> {
     /// Non-stream `chat.completion` body.
-    pub fn body(&self, answer: &Answer, prompt: u32) -> Vec<u8> {
+    pub fn body(&self, answer: &Answer, prompt: u32, with_usage: bool) -> Vec<u8> {
         let message = match answer {
             Answer::Text(text) => json!({"role": "assistant", "content": text}),
             Answer::ToolCalls(calls) => json!({
@@ -282,16 +285,17 @@ impl Completion<'_> {
                 "tool_calls": calls.iter().enumerate().map(|(i, c)| tool_call_json(i, c)).collect::<Vec<_>>(),
             }),
         };
-        json!({
+        let mut body = json!({
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason()}],
-            "usage": usage_json(prompt, answer.completion_tokens()),
-        })
-        .to_string()
-        .into_bytes()
+        });
+        if with_usage {
+            body["usage"] = usage_json(prompt, answer.completion_tokens());
+        }
+        body.to_string().into_bytes()
     }
 
     fn chunk(&self, delta: Value, finish_reason: Value) -> Vec<u8> {

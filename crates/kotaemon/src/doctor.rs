@@ -117,6 +117,10 @@ pub async fn run(path: Option<&Path>) -> anyhow::Result<ExitCode> {
                     }
                 );
             }
+            // A [[gpu]] instance is off until a turn needs it: not a fault.
+            Err(e) if app.config.gpu.iter().any(|g| *g.upstream == *name) => {
+                println!("  off   {name}: not answering [{}]; a [[gpu]] instance, started on demand (`kotaemon gpu start` to try it)", e.code());
+            }
             Err(e) => {
                 failed = true;
                 println!("  FAIL  {name}: {} [{}]", e, e.code());
@@ -137,6 +141,10 @@ fn secret_refs(config: &Config) -> Vec<SecretRef> {
         refs.extend(u.api_key.clone());
         refs.extend(u.client_key.clone());
         refs.extend(u.oauth2.as_ref().map(|o| o.client_secret.clone()));
+    }
+    for g in &config.gpu {
+        refs.extend(g.start.headers.values().cloned());
+        refs.extend(g.stop.headers.values().cloned());
     }
     refs
 }

@@ -8,7 +8,9 @@ mod bench_pii;
 mod bench_scenario;
 mod cli_turn;
 mod doctor;
+mod gpu_cli;
 mod models_cli;
+mod usage_cli;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -66,6 +68,10 @@ enum Command {
     },
     /// Check the configuration, secrets, file permissions and every upstream.
     Doctor,
+    /// Start, stop or probe a self-hosted cloud GPU ([[gpu]]) by hand.
+    Gpu(gpu_cli::GpuArgs),
+    /// Cloud tokens, cost and what the device saved: today and this month.
+    Usage(usage_cli::UsageArgs),
     /// The audit log of what left the device.
     Audit {
         #[command(subcommand)]
@@ -166,8 +172,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let app = App::build(config)?;
             let model = model.unwrap_or_else(|| cli_turn::default_model(&app.config));
             let mut history = Vec::new();
-            if let Some(id) = cli_turn::ask(&app, &model, &mut history, &prompt, !no_stream).await?
-            {
+            let asked = cli_turn::ask(&app, &model, &mut history, &prompt, !no_stream).await;
+            // Before exiting: the turn's usage row reaches the ledger.
+            app.shutdown().await;
+            if let Some(id) = asked? {
                 // A one-shot process cannot wait for a decision: say so, and signal it.
                 eprintln!("action {id} needs your confirmation and was NOT done; use `kotaemon chat` (asks y/N) or the API (POST /v1/kotaemon/actions/{id}) of a running agent");
                 return Ok(ExitCode::from(3));
@@ -179,7 +187,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(&config);
             let app = App::build(config)?;
             let model = model.unwrap_or_else(|| cli_turn::default_model(&app.config));
-            cli_turn::repl(&app, &model).await?;
+            let chatted = cli_turn::repl(&app, &model).await;
+            app.shutdown().await;
+            chatted?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Init { path, force } => {
@@ -197,7 +207,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Models { dir, cmd } => models_cli::run(cmd, dir).await,
         Command::Doctor => doctor::run(cli.config.as_deref()).await,
+        Command::Gpu(args) => gpu_cli::run(args, cli.config.as_deref()).await,
         Command::Audit { cmd } => audit_cli::run(cmd, cli.config.as_deref()),
+        Command::Usage(args) => usage_cli::run(args, cli.config.as_deref()),
         Command::Bench { which } => bench::run(which).await,
         Command::FakeUpstream {
             listen,

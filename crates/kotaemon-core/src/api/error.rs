@@ -180,6 +180,14 @@ impl From<PoolError> for ApiError {
                 e.to_string(),
             )
             .with_retry_after(retry_after.unwrap_or(Duration::from_secs(1))),
+            // No local model to stand in for a GPU that is off. Booting takes minutes.
+            PoolError::Parked { code } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                code,
+                e.to_string(),
+            )
+            .with_retry_after(Duration::from_secs(30)),
             PoolError::Failed { last, attempts } => upstream_failure(last, *attempts),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod jobs;
 pub mod sse;
 
 use crate::config::SecretRef;
@@ -96,6 +97,8 @@ pub struct ApiState {
     pub turn_slots: Arc<Semaphore>,
     /// The tool loop, for pending actions (None: no tools).
     pub act: Option<Arc<Act>>,
+    /// The durable job queue (None: disabled).
+    pub queue: Option<Arc<crate::queue::JobQueue>>,
 }
 
 pub fn router(state: ApiState, config: &ServerConfig) -> Router {
@@ -108,7 +111,9 @@ pub fn router(state: ApiState, config: &ServerConfig) -> Router {
     let chat = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
-        .route("/v1/kotaemon/actions/{id}", post(decide_action));
+        .route("/v1/kotaemon/actions/{id}", post(decide_action))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get));
     let admin = Router::new().route("/v1/kotaemon/audit", get(audit_records));
     let mut open = Router::new()
         .route("/healthz", get(healthz))
@@ -148,6 +153,8 @@ async fn count_requests(request: Request, next: Next) -> Response {
         Some("/v1/models") => "/v1/models",
         Some("/v1/kotaemon/actions/{id}") => "/v1/kotaemon/actions",
         Some("/v1/kotaemon/audit") => "/v1/kotaemon/audit",
+        Some("/v1/jobs") => "/v1/jobs",
+        Some("/v1/jobs/{id}") => "/v1/jobs/{id}",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
@@ -159,7 +166,9 @@ async fn count_requests(request: Request, next: Next) -> Response {
     response
 }
 
-fn parse_chat_request(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, ApiError> {
+pub(crate) fn parse_chat_request(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<ChatRequest, ApiError> {
     let bytes = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             let mut e = ApiError::new(
@@ -235,10 +244,20 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request = match parse_chat_request(body) {
+    let mut request = match parse_chat_request(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let priority = match jobs::take_priority(&mut request) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let client_name = client.as_ref().map(|c| c.0.name.to_string());
+    if priority == jobs::Priority::Batch {
+        return jobs::enqueue(&state, request, &headers, client_name).await;
+    }
+    // Store and forward: kept to be queued if the cloud turns out to be away.
+    let deferred = (priority == jobs::Priority::Deferrable).then(|| request.clone());
     let Ok(slot) = state.turn_slots.clone().try_acquire_owned() else {
         return ApiError::overloaded(Duration::from_secs(1)).into_response();
     };
@@ -257,7 +276,10 @@ async fn chat_completions(
             .into_response()
         }
     };
-    turn.hints.client = client.map(|c| c.0.name.to_string());
+    turn.hints.client = client_name.clone();
+    turn.hints.deferrable = deferred.is_some();
+    let for_ledger = client_name.clone();
+    turn.ctx.annotate(|m| m.client = for_ledger);
     turn.hints.cache = match headers.get(CACHE_HEADER).map(|v| v.to_str().unwrap_or("")) {
         None => None,
         Some("bypass") => Some(Directive::Bypass),
@@ -313,6 +335,17 @@ async fn chat_completions(
                 .body(Body::from_stream(sse))
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
+        Err(e) if deferred.is_some() && e.is_cloud_away() => {
+            ctx.emit(TurnEvent::TurnFinished {
+                turn: ctx.id.clone(),
+                outcome: TurnOutcome::Ok,
+                elapsed: ctx.started.elapsed(),
+                stream,
+            });
+            drop(slot);
+            let request = deferred.unwrap_or_else(|| ChatRequest::utterance("", ""));
+            jobs::enqueue(&state, request, &headers, client_name).await
+        }
         Err(e) => {
             let api = ApiError::from(e);
             if api.status.is_server_error() {
@@ -359,7 +392,12 @@ fn meta_headers(meta: &TurnMeta, headers: &mut HeaderMap) {
         put(CACHE_SIMILARITY_HEADER, format!("{sim:.4}"));
     }
     if meta.degraded {
-        put(DEGRADED_HEADER, "true".to_string());
+        // Like the route header: `true; reason=cloud_starting`.
+        let value = match meta.degraded_reason {
+            Some(reason) => format!("true; reason={reason}"),
+            None => "true".to_string(),
+        };
+        put(DEGRADED_HEADER, value);
     }
     if let Some(id) = &meta.pending_action {
         put(PENDING_ACTION_HEADER, id.clone());

@@ -7,7 +7,7 @@ pub mod secret;
 
 use crate::api::ServerConfig;
 use crate::audit::AuditConfig;
-use crate::cost::BudgetConfig;
+use crate::cost::{BudgetConfig, UsageConfig};
 use crate::plugins::PluginsConfig;
 use crate::stages::StagesConfig;
 use crate::tools::ToolsConfig;
@@ -45,6 +45,13 @@ pub struct Config {
     pub plugins: PluginsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub usage: UsageConfig,
+    #[serde(default)]
+    pub queue: crate::queue::QueueConfig,
+    /// Self-hosted cloud GPUs started on demand and stopped when idle (`cost::lifecycle`).
+    #[serde(default)]
+    pub gpu: Vec<crate::cost::lifecycle::GpuConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,6 +162,22 @@ impl Config {
         self.budget.validate("budget", &mut p);
         self.plugins.validate("plugins", &mut p);
         self.audit.validate("audit", &mut p);
+        self.queue.validate("queue", &mut p);
+        let upstream_names: Vec<&str> = self.upstreams.iter().map(|u| u.name.as_str()).collect();
+        self.usage.validate("usage", &upstream_names, &mut p);
+        for client in self.budget.clients.keys() {
+            let known = self.server.clients.iter().any(|c| &c.name == client)
+                || client
+                    .strip_prefix("key-")
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i < self.server.api_keys.len());
+            if !known {
+                p.push(format!(
+                    "budget.clients.{client}: no client key has this name ([[server.clients]] name, or key-N for api_keys)"
+                ));
+            }
+        }
+        crate::cost::lifecycle::validate(&self.gpu, &self.upstreams, &mut p);
         if tracing_subscriber_filter_ok(&self.log.level).is_err() {
             p.push(format!(
                 "log.level: `{}` is not a valid filter",

@@ -111,6 +111,21 @@ pub fn event_json(event: &TurnEvent) -> Value {
             json!({"kind": "turn_finished", "turn": turn.as_str(), "outcome": outcome.label(),
                    "status": status, "code": code, "elapsed_ms": ms(*elapsed), "stream": stream})
         }
+        TurnEvent::BudgetThreshold {
+            scope,
+            period,
+            hard,
+            spent_usd,
+            limit_usd,
+        } => json!({"kind": "budget_threshold", "scope": scope.as_ref(), "period": period,
+                    "hard": hard, "spent_usd": spent_usd, "limit_usd": limit_usd}),
+        TurnEvent::GpuState {
+            upstream,
+            from,
+            to,
+            reason,
+        } => json!({"kind": "gpu_state", "upstream": &**upstream, "from": from, "to": to,
+                    "reason": reason}),
     }
 }
 

@@ -41,6 +41,14 @@ pub const AUDIT_RECORDS: &str = "kotaemon_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "kotaemon_audit_write_failures_total";
 pub const AUTH_REFUSALS: &str = "kotaemon_auth_refusals_total";
 pub const RATE_LIMITED: &str = "kotaemon_rate_limited_total";
+pub const BUDGET_THRESHOLDS: &str = "kotaemon_budget_thresholds_total";
+pub const COST: &str = "kotaemon_cloud_cost_microusd_total";
+pub const SAVED: &str = "kotaemon_cloud_cost_saved_microusd_total";
+pub const BUDGET_SPENT: &str = "kotaemon_budget_spent_usd";
+pub const TURNS_ANSWERED: &str = "kotaemon_turns_answered_total";
+pub const GPU_STATE: &str = "kotaemon_gpu_state";
+pub const GPU_TRANSITIONS: &str = "kotaemon_gpu_transitions_total";
+pub const GPU_RUNNING: &str = "kotaemon_gpu_running_seconds_total";
 
 /// Histogram buckets: overhead is microseconds, turns are up to minutes.
 pub const SIMILARITY_BUCKETS: &[f64] = &[
@@ -174,8 +182,41 @@ pub fn describe() {
         "API requests refused for their credentials, by reason (missing, invalid, scope)."
     );
     describe_counter!(
+        BUDGET_THRESHOLDS,
+        "Budget limits crossed, by scope (global or client), period and level (soft, hard)."
+    );
+    describe_counter!(
+        COST,
+        "Estimated cloud cost in micro-USD from the price table, by upstream and model."
+    );
+    describe_counter!(
+        SAVED,
+        "Estimated cloud cost (micro-USD) avoided by turns answered on the device, by who answered."
+    );
+    describe_gauge!(
+        BUDGET_SPENT,
+        "Cloud spending in USD of the current period, by scope and period."
+    );
+    describe_counter!(
+        TURNS_ANSWERED,
+        "Finished turns by who answered: rules, cache, local, cloud (or none)."
+    );
+    describe_counter!(
         RATE_LIMITED,
         "API requests refused by a client key's rate limit, by client name."
+    );
+    describe_gauge!(
+        GPU_STATE,
+        "Cloud GPU lifecycle state per upstream: 0 stopped, 1 starting, 2 ready, 3 stopping, 4 preempted."
+    );
+    describe_counter!(
+        GPU_TRANSITIONS,
+        "Cloud GPU lifecycle transitions, by upstream and new state."
+    );
+    describe_counter!(
+        GPU_RUNNING,
+        Unit::Seconds,
+        "Whole seconds a cloud GPU spent starting, ready or stopping (billed time), by upstream."
     );
 }
 
@@ -271,6 +312,22 @@ pub fn record(event: &TurnEvent) {
             counter!(TURNS, "outcome" => outcome.label(), "mode" => mode).increment(1);
             histogram!(TURN_DURATION, "mode" => mode).record(elapsed.as_secs_f64());
         }
+        TurnEvent::BudgetThreshold {
+            scope,
+            period,
+            hard,
+            ..
+        } => {
+            let level = if *hard { "hard" } else { "soft" };
+            counter!(BUDGET_THRESHOLDS, "scope" => scope.to_string(), "period" => *period, "level" => level)
+                .increment(1);
+        }
+        TurnEvent::GpuState { upstream, to, .. } => {
+            if let Some(state) = crate::cost::lifecycle::GpuState::from_code(to) {
+                gauge!(GPU_STATE, "upstream" => upstream.to_string()).set(state.gauge_value());
+            }
+            counter!(GPU_TRANSITIONS, "upstream" => upstream.to_string(), "to" => *to).increment(1);
+        }
     }
 }
 
@@ -340,6 +397,29 @@ pub fn cache_lookup_time(result: &'static str, d: std::time::Duration) {
     histogram!(CACHE_LOOKUP_TIME, "result" => result).record(d.as_secs_f64());
 }
 
+/// Cost counters count micro-dollars: the metrics facade's counters are integers, and a
+/// float counter would have to be a gauge (which Prometheus would not treat as monotonic).
+pub fn cloud_cost(upstream: &str, model: &str, usd: f64) {
+    counter!(COST, "upstream" => upstream.to_string(), "model" => model.to_string())
+        .increment(micro(usd));
+}
+
+pub fn cloud_cost_saved(answered_by: &'static str, usd: f64) {
+    counter!(SAVED, "by" => answered_by).increment(micro(usd));
+}
+
+pub fn turn_answered(by: &'static str) {
+    counter!(TURNS_ANSWERED, "by" => by).increment(1);
+}
+
+pub fn budget_spent(scope: &str, period: &'static str, usd: f64) {
+    gauge!(BUDGET_SPENT, "scope" => scope.to_string(), "period" => period).set(usd);
+}
+
+fn micro(usd: f64) -> u64 {
+    (usd.max(0.0) * 1_000_000.0).round() as u64
+}
+
 pub fn audit_record(kind: &'static str) {
     counter!(AUDIT_RECORDS, "kind" => kind).increment(1);
 }
@@ -358,4 +438,15 @@ pub fn rate_limited(client: &str) {
 
 pub fn cache_guard_refusal(reason: &'static str) {
     counter!(CACHE_GUARD, "reason" => reason).increment(1);
+}
+
+/// Exports a cloud GPU's series from the start (its state, and zero running seconds).
+pub fn gpu_registered(upstream: &str, state_value: f64) {
+    gauge!(GPU_STATE, "upstream" => upstream.to_string()).set(state_value);
+    counter!(GPU_RUNNING, "upstream" => upstream.to_string()).increment(0);
+}
+
+/// Whole seconds a cloud GPU ran since the last report.
+pub fn gpu_running_seconds(upstream: &str, secs: u64) {
+    counter!(GPU_RUNNING, "upstream" => upstream.to_string()).increment(secs);
 }

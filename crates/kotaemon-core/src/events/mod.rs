@@ -8,6 +8,7 @@ pub mod json;
 pub mod metrics;
 
 use crate::audit::AuditLog;
+use crate::cost::Ledger;
 use crate::turn::{Origin, Route, TurnId};
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,6 +133,24 @@ pub enum TurnEvent {
         elapsed: Duration,
         stream: bool,
     },
+    /// Cloud spending crossed the soft limit (`hard: false`) or the hard limit of a budget.
+    /// `scope` is "global" or a client name from config; `period` "day" or "month".
+    BudgetThreshold {
+        scope: Arc<str>,
+        period: &'static str,
+        hard: bool,
+        spent_usd: f64,
+        limit_usd: f64,
+    },
+    /// A self-hosted cloud GPU changed state (`cost::lifecycle::GpuState` codes: stopped,
+    /// starting, ready, stopping, preempted); `reason` is a code such as demand, idle, warm,
+    /// schedule, probe_ok, ready_timeout, start_failed, probe_failed.
+    GpuState {
+        upstream: Arc<str>,
+        from: &'static str,
+        to: &'static str,
+        reason: &'static str,
+    },
 }
 
 impl TurnEvent {
@@ -153,7 +172,10 @@ impl TurnEvent {
             | TurnEvent::TokensUsed { turn, .. }
             | TurnEvent::Overhead { turn, .. }
             | TurnEvent::TurnFinished { turn, .. } => Some(turn),
-            TurnEvent::BreakerChanged { .. } | TurnEvent::HealthChanged { .. } => None,
+            TurnEvent::BreakerChanged { .. }
+            | TurnEvent::HealthChanged { .. }
+            | TurnEvent::BudgetThreshold { .. }
+            | TurnEvent::GpuState { .. } => None,
         }
     }
 }
@@ -192,6 +214,7 @@ impl TurnOutcome {
 pub struct EventBus {
     tx: broadcast::Sender<Arc<TurnEvent>>,
     audit: AuditLog,
+    ledger: Ledger,
 }
 
 impl EventBus {
@@ -200,7 +223,18 @@ impl EventBus {
         EventBus {
             tx,
             audit: AuditLog::disabled(),
+            ledger: Ledger::disabled(),
         }
+    }
+
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// The usage ledger (tokens, cost, who answered) and its price table.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     pub fn with_audit(mut self, audit: AuditLog) -> Self {

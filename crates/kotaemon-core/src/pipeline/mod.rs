@@ -28,6 +28,18 @@ pub enum TurnError {
     Tool { tool: String, message: String },
 }
 
+impl TurnError {
+    /// The cloud could not take the turn now (down, busy, a parked GPU, the budget spent):
+    /// work that can wait should wait.
+    pub fn is_cloud_away(&self) -> bool {
+        match self {
+            TurnError::Pool(p) => p.cloud_unavailable(),
+            TurnError::BudgetExhausted { .. } => true,
+            TurnError::NoAnsweringStage | TurnError::Tool { .. } => false,
+        }
+    }
+}
+
 /// The rest of the chain after the current stage.
 pub struct Next<'a> {
     rest: &'a [Arc<dyn Stage>],

@@ -83,7 +83,7 @@ impl Router {
         }
         // A spent budget outranks a client's wish for the cloud: that is what a budget is for.
         // With no local model, the llm stage refuses the turn (429 insufficient_quota).
-        if let Some(spent) = self.budget.exhausted() {
+        if let Some(spent) = self.budget.exhausted_for(turn.hints.client.as_deref()) {
             return match (spent.policy, local_available) {
                 (OnExhausted::Local, true) => (Route::Local, "budget_exhausted"),
                 _ => (Route::Cloud, "budget_exhausted"),
@@ -221,7 +221,10 @@ impl Stage for Router {
                 turn: turn.id().clone(),
                 reason,
             });
-            turn.ctx.annotate(|m| m.degraded = true);
+            turn.ctx.annotate(|m| {
+                m.degraded = true;
+                m.degraded_reason = Some(reason);
+            });
         }
         next.run(turn).await
     }

@@ -366,7 +366,7 @@ impl Stage for Rules {
             turn: turn.id().clone(),
             intent,
         });
-        turn.ctx.annotate(|m| m.answered_by = Some("rules"));
+        turn.ctx.answered_on_device("rules", &text);
         let answer = LocalAnswer::new("rules", &turn.request.model, text, Usage::default());
         Ok(local_reply(&answer, turn.request.wants_stream()))
     }

@@ -67,6 +67,11 @@ pub async fn run(pool: Arc<Pool>, bus: EventBus, stop: CancellationToken) {
         };
         for ((member, result), fails) in pool.members().iter().zip(results).zip(failures.iter_mut())
         {
+            // A parked GPU is off on purpose; its lifecycle controller owns its readiness.
+            if member.is_parked() {
+                *fails = 0;
+                continue;
+            }
             let healthy = match result {
                 Ok(probe) => {
                     *fails = 0;

@@ -87,6 +87,10 @@ pub enum PoolError {
     Unavailable { retry_after: Option<Duration> },
     #[error("{last} (after {attempts} attempt(s))")]
     Failed { last: UpstreamError, attempts: u32 },
+    /// Every cloud candidate is a GPU that is off (`cost::lifecycle`): `code` is
+    /// `cloud_starting` (asking for it started it) or `cloud_stopped` (outside its schedule).
+    #[error("the cloud GPU for this request is not running ({code}); it starts on demand within its schedule")]
+    Parked { code: &'static str },
 }
 
 impl PoolError {
@@ -94,7 +98,7 @@ impl PoolError {
     /// before its first byte; no when the request itself was refused or time is up.
     pub fn cloud_unavailable(&self) -> bool {
         match self {
-            PoolError::Unavailable { .. } => true,
+            PoolError::Unavailable { .. } | PoolError::Parked { .. } => true,
             PoolError::Failed { last, .. } => last.retryable(),
             PoolError::UnknownModel { .. }
             | PoolError::UnknownUpstream { .. }
@@ -117,6 +121,14 @@ pub struct Member {
     healthy: AtomicBool,
     cooldown_until: Mutex<Option<Instant>>,
     discovered: Mutex<Vec<String>>,
+    /// Set by the GPU lifecycle controller while the instance is not ready: no candidate.
+    parked: AtomicBool,
+    /// Parked and not to be started now (outside its schedule).
+    off_schedule: AtomicBool,
+    /// Notified when a turn wanted this member while parked: that starts the instance.
+    pub demand: tokio::sync::Notify,
+    /// Start or end of the latest call: the lifecycle controller's idle clock.
+    last_used: Mutex<Instant>,
 }
 
 impl Member {
@@ -136,7 +148,29 @@ impl Member {
             healthy: AtomicBool::new(true),
             cooldown_until: Mutex::new(None),
             discovered: Mutex::new(Vec::new()),
+            parked: AtomicBool::new(false),
+            off_schedule: AtomicBool::new(false),
+            demand: tokio::sync::Notify::new(),
+            last_used: Mutex::new(Instant::now()),
         }
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    pub fn is_off_schedule(&self) -> bool {
+        self.off_schedule.load(Ordering::SeqCst)
+    }
+
+    /// The lifecycle controller parks a member while its instance is not ready.
+    pub fn set_parked(&self, parked: bool, off_schedule: bool) {
+        self.off_schedule.store(off_schedule, Ordering::SeqCst);
+        self.parked.store(parked, Ordering::SeqCst);
+    }
+
+    pub fn last_used(&self) -> Instant {
+        *lock(&self.last_used)
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -208,12 +242,14 @@ struct InflightGuard(Arc<Member>);
 impl InflightGuard {
     fn new(member: Arc<Member>) -> Self {
         member.inflight.fetch_add(1, Ordering::Relaxed);
+        *lock(&member.last_used) = Instant::now();
         InflightGuard(member)
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
+        *lock(&self.0.last_used) = Instant::now();
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -320,8 +356,12 @@ impl Pool {
             .any(|m| m.is_local && m.name().as_ref() == model)
     }
 
+    /// A parked GPU counts: only a turn sent its way can start it (or learn why it cannot).
     fn admitting(&self, m: &Member) -> bool {
-        m.is_healthy() && m.breaker.is_admitting() && m.cooling_for(Instant::now()).is_none()
+        m.is_parked()
+            || (m.is_healthy()
+                && m.breaker.is_admitting()
+                && m.cooling_for(Instant::now()).is_none())
     }
 
     /// Models clients may ask for: configured names, plus what pass-through upstreams report.
@@ -380,7 +420,7 @@ impl Pool {
         let now = Instant::now();
         let usable = |i: &usize| {
             let m = &candidates[*i].0;
-            m.breaker.is_admitting() && m.cooling_for(now).is_none()
+            !m.is_parked() && m.breaker.is_admitting() && m.cooling_for(now).is_none()
         };
         let all: Vec<usize> = (0..candidates.len()).filter(usable).collect();
         let tiers = [
@@ -416,6 +456,16 @@ impl Pool {
     }
 
     fn unavailable(&self, candidates: &[(Arc<Member>, String)]) -> PoolError {
+        if candidates.iter().all(|(m, _)| m.is_parked()) {
+            let startable = candidates.iter().any(|(m, _)| !m.is_off_schedule());
+            return PoolError::Parked {
+                code: if startable {
+                    "cloud_starting"
+                } else {
+                    "cloud_stopped"
+                },
+            };
+        }
         let now = Instant::now();
         let retry_after = candidates
             .iter()
@@ -458,6 +508,10 @@ impl Pool {
         ) -> BoxFuture<'a, Result<T, UpstreamError>>,
     ) -> Result<(T, Attempt, Served), PoolError> {
         let candidates = self.candidates(&request.model, hints, route)?;
+        // A parked GPU is no candidate, but wanting it is what starts it.
+        for (m, _) in candidates.iter().filter(|(m, _)| m.is_parked()) {
+            m.demand.notify_one();
+        }
         let mut tried = vec![false; candidates.len()];
         self.budget.deposit();
         let mut last: Option<UpstreamError> = None;

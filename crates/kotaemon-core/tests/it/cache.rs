@@ -243,7 +243,7 @@ async fn unreadable_cache_database_leaves_the_agent_serving() {
     let db = dir.path().join("cache.db");
     std::fs::write(&db, vec![0x42u8; 8192]).unwrap();
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[audit]\nenabled = false\n[pool.health]\nenabled = false\n[stages.cache]\nenabled = true\nsemantic = false\npath = \"{}\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n[audit]\nenabled = false\n[usage]\nenabled = false\n[queue]\nenabled = false\n[pool.health]\nenabled = false\n[stages.cache]\nenabled = true\nsemantic = false\npath = \"{}\"\n\
          [[upstreams]]\nname = \"cloud\"\nbase_url = \"{}\"\n",
         db.display(),
         fake.base_url()

@@ -27,6 +27,8 @@ fn name(e: &TurnEvent) -> String {
         TurnEvent::HealthChanged { healthy, .. } => format!("health({healthy})"),
         TurnEvent::Overhead { .. } => "overhead".into(),
         TurnEvent::TurnFinished { outcome, .. } => format!("turn_finished({})", outcome.label()),
+        TurnEvent::GpuState { to, reason, .. } => format!("gpu({to}:{reason})"),
+        TurnEvent::BudgetThreshold { scope, hard, .. } => format!("budget({scope}, hard={hard})"),
     }
 }
 

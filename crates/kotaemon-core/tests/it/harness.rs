@@ -40,6 +40,31 @@ impl Agent {
             Some(d) => format!("{toml}\n[audit]\ndir = {:?}\n", d.path()),
             None => toml.to_string(),
         };
+        // …and their usage ledgers.
+        let toml = if toml.contains("[queue]") {
+            toml
+        } else {
+            let dir = audit_tmp
+                .as_ref()
+                .map(|d| d.path().to_path_buf())
+                .unwrap_or_else(std::env::temp_dir);
+            format!(
+                "{toml}\n[queue]\npath = {:?}\n",
+                dir.join(format!("queue-{}.db", uuid_like()))
+            )
+        };
+        let toml = if toml.contains("[usage]") {
+            toml
+        } else {
+            let dir = audit_tmp
+                .as_ref()
+                .map(|d| d.path().to_path_buf())
+                .unwrap_or_else(std::env::temp_dir);
+            format!(
+                "{toml}\n[usage]\npath = {:?}\n",
+                dir.join(format!("usage-{}.db", uuid_like()))
+            )
+        };
         let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"));
         let audit_dir = config.audit.dir();
         let app = App::build_with_upstreams(config, Vec::new(), Some(7))
@@ -229,4 +254,15 @@ pub fn audit_records(dir: &std::path::Path) -> Vec<Value> {
                 .collect::<Vec<Value>>()
         })
         .collect()
+}
+
+/// A name unique in this test process.
+pub fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

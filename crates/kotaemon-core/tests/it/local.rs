@@ -84,7 +84,8 @@ async fn cloud_dies_turns_degrade_to_local_then_recover() {
         let reply = agent.chat(q("Summarize the plan", stream)).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(reply.headers["x-kotaemon-answered-by"], "local");
-        assert_eq!(reply.headers["x-kotaemon-degraded"], "true");
+        let degraded = reply.headers["x-kotaemon-degraded"].to_str().unwrap();
+        assert!(degraded.starts_with("true; reason="), "{degraded}");
     }
     let metrics = metrics_text(&agent).await;
     assert!(metric(&metrics, "kotaemon_degraded_turns_total", &[]).unwrap_or(0.0) >= 1.0);

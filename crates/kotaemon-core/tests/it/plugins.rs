@@ -46,7 +46,7 @@ async fn a_component_sees_turn_events_and_can_ask_the_agent() {
         ..Script::default()
     });
     let config = kotaemon_core::Config::from_toml_str(&format!(
-        "[local]\nenabled = false\n[audit]\nenabled = false\n[pool.health]\nenabled = false\n[[upstreams]]\nname = \"c\"\nbase_url = \"{}\"\n",
+        "[local]\nenabled = false\n[audit]\nenabled = false\n[usage]\nenabled = false\n[queue]\nenabled = false\n[pool.health]\nenabled = false\n[[upstreams]]\nname = \"c\"\nbase_url = \"{}\"\n",
         fake.base_url()
     ))
     .unwrap();

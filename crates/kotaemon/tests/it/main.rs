@@ -7,6 +7,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+mod gpu;
+mod queue_crash;
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kotaemon"));
     // Tests must not pick up a developer's environment, nor write into their data directory
@@ -570,7 +573,8 @@ async fn audit_verify_finds_an_edited_line_and_doctor_never_prints_secrets() {
         dir.path(),
         &fake.base_url(),
         &format!(
-            "[audit]\ndir = {audit:?}\n[[server.clients]]\nname = \"panel\"\nkey = \"file:{}\"\nscopes = [\"chat\"]\nrequests_per_minute = 30\n",
+            "[audit]\ndir = {audit:?}\n[usage]\npath = {:?}\n[usage.prices]\n\"*\" = {{ input = 1.0, output = 2.0 }}\n[[server.clients]]\nname = \"panel\"\nkey = \"file:{}\"\nscopes = [\"chat\"]\nrequests_per_minute = 30\n",
+            dir.path().join("usage.db"),
             key_file.display()
         ),
     );
@@ -595,6 +599,24 @@ async fn audit_verify_finds_an_edited_line_and_doctor_never_prints_secrets() {
     assert!(said.contains("client keys: panel [chat] 30/min"), "{said}");
     assert!(said.contains("audit log:"), "{said}");
     assert!(!said.contains("SECRET-31337"), "{said}");
+
+    // Both turns are in the usage ledger, priced.
+    let usage = run(bin().args(["usage", "--json", "--config"]).arg(&cfg));
+    assert!(usage.status.success(), "{}", text(&usage.stderr));
+    let reports: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
+    let today = &reports[0];
+    assert_eq!(today["turns"], 2, "{today}");
+    assert_eq!(today["cloud_calls"], 2);
+    assert!(today["cost_usd"].as_f64().unwrap() > 0.0);
+    let bad = run(bin()
+        .args(["usage", "--period", "yesterday", "--config"])
+        .arg(&cfg));
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("--period"),
+        "{}",
+        text(&bad.stderr)
+    );
 
     let c = cfg.clone();
     let ok = run(bin().args(["audit", "verify", "--config"]).arg(&c));

@@ -266,7 +266,7 @@ impl Stage for Cache {
                 }))) => {
                     outcome(layer, similarity);
                     crate::events::metrics::cache_lookup_time(layer, started.elapsed());
-                    ctx.annotate(|m| m.answered_by = Some("cache"));
+                    ctx.answered_on_device("cache", &entry.answer);
                     // A hit costs no tokens: usage says so.
                     let answer = LocalAnswer::new(
                         "cache",

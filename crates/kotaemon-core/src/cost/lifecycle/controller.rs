@@ -1,0 +1,1066 @@
+//! One GPU's state machine. Every transition goes through [`Machine::go`], which sets the pool
+//! member's parked flag, emits the `GpuState` event (metrics follow from it) and logs — so the
+//! flag, the event and the state cannot disagree. Time is tokio's; the schedule is read on an
+//! injected wall clock, so tests run whole days on a paused clock.
+
+use super::hooks::Hook;
+use super::schedule::Schedule;
+use super::{GpuConfig, Initially, OnPreempt};
+use crate::events::{metrics, BreakerState, EventBus, TurnEvent};
+use crate::upstream::pool::Member;
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuState {
+    Stopped,
+    Starting,
+    Ready,
+    Stopping,
+    /// The instance vanished while ready (spot preemption) without us stopping it.
+    Preempted,
+}
+
+impl GpuState {
+    pub const ALL: [GpuState; 5] = [
+        GpuState::Stopped,
+        GpuState::Starting,
+        GpuState::Ready,
+        GpuState::Stopping,
+        GpuState::Preempted,
+    ];
+
+    /// The code in events, metric labels and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuState::Stopped => "stopped",
+            GpuState::Starting => "starting",
+            GpuState::Ready => "ready",
+            GpuState::Stopping => "stopping",
+            GpuState::Preempted => "preempted",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<GpuState> {
+        Self::ALL.into_iter().find(|s| s.as_str() == code)
+    }
+
+    /// `kotaemon_gpu_state`: 0 stopped, 1 starting, 2 ready, 3 stopping, 4 preempted.
+    pub fn gauge_value(self) -> f64 {
+        match self {
+            GpuState::Stopped => 0.0,
+            GpuState::Starting => 1.0,
+            GpuState::Ready => 2.0,
+            GpuState::Stopping => 3.0,
+            GpuState::Preempted => 4.0,
+        }
+    }
+
+    /// Is the instance billing (as far as we know)? A preempted one is gone.
+    pub fn is_running(self) -> bool {
+        matches!(
+            self,
+            GpuState::Starting | GpuState::Ready | GpuState::Stopping
+        )
+    }
+}
+
+/// The clock schedules are read on: `Utc::now` in production, one driven by tokio's paused
+/// clock in tests.
+pub type WallClock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// Failed probes in a row, while ready, that mean the instance is gone (an open breaker plus
+/// one failed probe means the same sooner).
+const PREEMPT_AFTER_FAILED_PROBES: u32 = 3;
+/// A failed stop hook is tried again after this long: the instance may still be billing.
+const STOP_RETRY: Duration = Duration::from_secs(60);
+/// The schedule is looked at again at least this often (wall-clock jumps, DST).
+const MAX_NAP: Duration = Duration::from_secs(60);
+
+type Next = Option<(GpuState, &'static str)>;
+
+/// Controls the instance behind one pool member. Cheap to clone; [`Controller::spawn`] runs it.
+#[derive(Clone)]
+pub struct Controller {
+    name: Arc<str>,
+    member: Arc<Member>,
+    start: Arc<dyn Hook>,
+    stop: Arc<dyn Hook>,
+    idle: Duration,
+    ready_timeout: Duration,
+    poll: Duration,
+    schedule: Option<Schedule>,
+    on_preempt: OnPreempt,
+    initially: Initially,
+    bus: EventBus,
+    clock: WallClock,
+}
+
+impl Controller {
+    pub fn new(
+        config: &GpuConfig,
+        member: Arc<Member>,
+        start: Arc<dyn Hook>,
+        stop: Arc<dyn Hook>,
+        schedule: Option<Schedule>,
+        bus: EventBus,
+    ) -> Self {
+        Controller {
+            name: member.name().clone(),
+            member,
+            start,
+            stop,
+            idle: config.idle(),
+            ready_timeout: config.ready_timeout(),
+            poll: config.poll(),
+            schedule,
+            on_preempt: config.on_preempt,
+            initially: config.initially,
+            bus,
+            clock: Arc::new(Utc::now),
+        }
+    }
+
+    /// Reads the schedule on `clock` instead of the system's wall clock.
+    pub fn with_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn upstream(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Parks the member at once (unless it is assumed running), so no turn reaches an
+    /// instance nobody has seen yet, then runs the state machine until `stop` is cancelled.
+    pub fn spawn(&self, stop: CancellationToken, tasks: &TaskTracker) {
+        let running = self.initially == Initially::Running;
+        self.member.set_parked(!running, !self.is_open());
+        metrics::gpu_registered(&self.name, GpuState::Stopped.gauge_value());
+        tasks.spawn(self.clone().run(stop));
+    }
+
+    /// The state machine. Leaves the instance as it is when `stop` is cancelled: a restart
+    /// of the agent should not bounce a GPU that is serving (`initially = "probe"` finds it).
+    pub async fn run(self, stop: CancellationToken) {
+        let name = self.name.clone();
+        let mut m = Machine {
+            c: self,
+            state: GpuState::Stopped,
+            running_since: None,
+            running_total: Duration::ZERO,
+            reported_secs: 0,
+            stop_failed_at: None,
+        };
+        match m.c.initially {
+            Initially::Stopped => {}
+            Initially::Running => m.go(GpuState::Ready, "initially_running"),
+            Initially::Probe => {
+                let probe = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = m.probe() => r,
+                };
+                match probe {
+                    Ok(()) => m.go(GpuState::Ready, "found_running"),
+                    Err(code) => {
+                        tracing::info!(upstream = %name, probe = code, "GPU not answering at start-up: assuming it is stopped")
+                    }
+                }
+            }
+        }
+        loop {
+            let next = match m.state {
+                GpuState::Stopped => m.stopped(&stop).await,
+                GpuState::Starting => m.starting(&stop).await,
+                GpuState::Ready => m.ready(&stop).await,
+                GpuState::Stopping => m.stopping(&stop).await,
+                GpuState::Preempted => m.preempted(&stop).await,
+            };
+            let Some((to, reason)) = next else { break };
+            m.go(to, reason);
+        }
+        m.flush_running();
+        tracing::info!(upstream = %name, state = m.state.as_str(), "GPU controller stopped; the instance is left as it is");
+    }
+
+    fn is_open(&self) -> bool {
+        self.schedule
+            .as_ref()
+            .is_none_or(|s| s.is_open((self.clock)()))
+    }
+
+    fn warm(&self) -> bool {
+        self.schedule.as_ref().is_some_and(|s| s.warm)
+    }
+
+    /// How long until the schedule may change (at most [`MAX_NAP`]).
+    fn nap(&self) -> Duration {
+        let Some(s) = &self.schedule else {
+            return MAX_NAP;
+        };
+        let now = (self.clock)();
+        s.next_change(now)
+            .and_then(|t| (t - now).to_std().ok())
+            .map_or(MAX_NAP, |d| d.min(MAX_NAP))
+    }
+}
+
+/// The running state machine: the controller plus what it tracks between transitions.
+struct Machine {
+    c: Controller,
+    state: GpuState,
+    running_since: Option<Instant>,
+    /// Closed running intervals, for `kotaemon_gpu_running_seconds_total`.
+    running_total: Duration,
+    reported_secs: u64,
+    /// The last stop hook failed at this time: the stop is owed and retried.
+    stop_failed_at: Option<Instant>,
+}
+
+impl Machine {
+    fn go(&mut self, to: GpuState, reason: &'static str) {
+        let from = self.state;
+        let now = Instant::now();
+        match (from.is_running(), to.is_running()) {
+            (false, true) => self.running_since = Some(now),
+            (true, false) => {
+                if let Some(since) = self.running_since.take() {
+                    self.running_total += now - since;
+                }
+            }
+            _ => {}
+        }
+        self.state = to;
+        let member = &self.c.member;
+        member.set_parked(to != GpuState::Ready, !self.c.is_open());
+        // A wake-up left from turns that wanted the GPU while it started is either served
+        // (Ready) or moot (the start failed or is given up): it must not start it again.
+        // Demand that arrives while stopping is kept, and starts it once stopped.
+        let stale = matches!(
+            to,
+            GpuState::Starting | GpuState::Ready | GpuState::Stopping
+        ) || (from == GpuState::Starting && to == GpuState::Stopped);
+        if stale {
+            let _ = member.demand.notified().now_or_never();
+        }
+        if to == GpuState::Starting {
+            self.stop_failed_at = None;
+        }
+        let (name, from_s, to_s) = (&self.c.name, from.as_str(), to.as_str());
+        match to {
+            GpuState::Preempted => {
+                tracing::warn!(upstream = %name, from = from_s, to = to_s, reason, "GPU instance gone while ready (preempted?)")
+            }
+            _ => {
+                tracing::info!(upstream = %name, from = from_s, to = to_s, reason, "GPU state changed")
+            }
+        }
+        self.c.bus.emit(TurnEvent::GpuState {
+            upstream: name.clone(),
+            from: from_s,
+            to: to_s,
+            reason,
+        });
+        self.flush_running();
+    }
+
+    /// Adds whole running seconds not yet reported to the counter.
+    fn flush_running(&mut self) {
+        let total = self.running_total + self.running_since.map_or(Duration::ZERO, |s| s.elapsed());
+        let secs = total.as_secs();
+        if secs > self.reported_secs {
+            let delta = secs - self.reported_secs;
+            metrics::gpu_running_seconds(&self.c.name, delta);
+            // GPU-hours and their cost go to the usage ledger too (`kotaemon usage`).
+            let ledger = self.c.bus.ledger();
+            let per_hour = ledger
+                .pricing()
+                .gpu_hour
+                .get(self.c.name.as_ref())
+                .copied()
+                .unwrap_or(0.0);
+            ledger.record_gpu(crate::cost::ledger::GpuRow {
+                upstream: self.c.name.to_string(),
+                seconds: delta as f64,
+                cost_usd: delta as f64 / 3600.0 * per_hour,
+            });
+            self.reported_secs = secs;
+        }
+    }
+
+    async fn probe(&self) -> Result<(), &'static str> {
+        let timeout = self
+            .c
+            .poll
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        self.c
+            .member
+            .upstream
+            .probe(timeout)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.code())
+    }
+
+    async fn stopped(&mut self, stop: &CancellationToken) -> Next {
+        let member = self.c.member.clone();
+        let mut was_open = self.c.is_open();
+        loop {
+            member.set_parked(true, !was_open);
+            let retry_at = self.stop_failed_at.map(|t| t + STOP_RETRY);
+            let far = Instant::now() + Duration::from_secs(86_400);
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = member.demand.notified() => {
+                    if self.c.is_open() {
+                        return Some((GpuState::Starting, "demand"));
+                    }
+                    // Outside the schedule a call cannot start it; the pool said `cloud_stopped`.
+                }
+                _ = tokio::time::sleep(self.c.nap()) => {
+                    let open = self.c.is_open();
+                    if open && !was_open && self.c.warm() {
+                        return Some((GpuState::Starting, "warm"));
+                    }
+                    was_open = open;
+                }
+                _ = sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {
+                    return Some((GpuState::Stopping, "stop_retry"));
+                }
+            }
+        }
+    }
+
+    async fn starting(&mut self, stop: &CancellationToken) -> Next {
+        let deadline = Instant::now() + self.c.ready_timeout;
+        let hooked = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = self.c.start.run() => r,
+        };
+        if let Err(e) = hooked {
+            tracing::error!(upstream = %self.c.name, code = e.code(), error = %e, "GPU start hook failed; the instance stays stopped until the next call");
+            return Some((GpuState::Stopped, "start_failed"));
+        }
+        loop {
+            if !self.c.is_open() {
+                return Some((GpuState::Stopping, "schedule"));
+            }
+            let probe = tokio::select! {
+                _ = stop.cancelled() => return None,
+                r = self.probe() => r,
+            };
+            let last_error = match probe {
+                Ok(()) => return Some((GpuState::Ready, "probe_ok")),
+                Err(code) => code,
+            };
+            self.flush_running();
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(upstream = %self.c.name, last_probe = last_error, "GPU not ready within ready_timeout_secs; stopping it");
+                return Some((GpuState::Stopping, "ready_timeout"));
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = sleep_until((now + self.c.poll).min(deadline)) => {}
+            }
+        }
+    }
+
+    async fn ready(&mut self, stop: &CancellationToken) -> Next {
+        let member = self.c.member.clone();
+        // Readiness was just proven by a probe: no need to wait for the next health check.
+        if member.set_healthy(true) {
+            self.c.bus.emit(TurnEvent::HealthChanged {
+                upstream: self.c.name.clone(),
+                healthy: true,
+            });
+        }
+        let entered = Instant::now();
+        let mut next_probe = entered + self.c.poll;
+        let mut failed_probes = 0u32;
+        loop {
+            if !self.c.is_open() {
+                return Some((GpuState::Stopping, "schedule"));
+            }
+            let now = Instant::now();
+            let idle_at = member.last_used().max(entered) + self.c.idle;
+            if now >= idle_at && member.inflight() == 0 {
+                // Park first, then look again: a turn that picked the member just before the
+                // park holds load by now, and the GPU stays up for it.
+                member.set_parked(true, false);
+                if member.inflight() == 0 {
+                    return Some((GpuState::Stopping, "idle"));
+                }
+                member.set_parked(false, false);
+            }
+            if now >= next_probe {
+                let probe = tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    r = self.probe() => r,
+                };
+                next_probe = Instant::now() + self.c.poll;
+                if let Err(code) = probe {
+                    failed_probes += 1;
+                    let breaker_open = member.breaker.state() == BreakerState::Open;
+                    tracing::debug!(upstream = %self.c.name, probe = code, failed_probes, breaker_open, "GPU probe failed while ready");
+                    if breaker_open {
+                        return Some((GpuState::Preempted, "breaker_open"));
+                    }
+                    if failed_probes >= PREEMPT_AFTER_FAILED_PROBES {
+                        return Some((GpuState::Preempted, "probe_failed"));
+                    }
+                } else {
+                    failed_probes = 0;
+                }
+                self.flush_running();
+                continue;
+            }
+            let mut wake = next_probe.min(now + self.c.nap());
+            if idle_at > now {
+                wake = wake.min(idle_at);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = sleep_until(wake) => {}
+            }
+        }
+    }
+
+    async fn stopping(&mut self, stop: &CancellationToken) -> Next {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = self.c.stop.run() => r,
+        };
+        match result {
+            Ok(()) => {
+                self.stop_failed_at = None;
+                Some((GpuState::Stopped, "stop_ok"))
+            }
+            Err(e) => {
+                tracing::error!(upstream = %self.c.name, code = e.code(), error = %e, "GPU stop hook failed: the instance may still be running and billing; retrying in 60 s");
+                self.stop_failed_at = Some(Instant::now());
+                Some((GpuState::Stopped, "stop_failed"))
+            }
+        }
+    }
+
+    async fn preempted(&mut self, stop: &CancellationToken) -> Next {
+        if !self.c.is_open() {
+            return Some((GpuState::Stopping, "schedule"));
+        }
+        if self.c.on_preempt == OnPreempt::Restart {
+            return Some((GpuState::Starting, "preempt_restart"));
+        }
+        let member = self.c.member.clone();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = member.demand.notified() => {
+                    if self.c.is_open() {
+                        return Some((GpuState::Starting, "demand"));
+                    }
+                }
+                _ = tokio::time::sleep(self.c.nap()) => {
+                    if !self.c.is_open() {
+                        return Some((GpuState::Stopping, "schedule"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::hooks::HookError;
+    use super::super::{HookConfig, ScheduleConfig, WindowConfig};
+    use super::*;
+    use crate::events::Subscription;
+    use crate::turn::{ChunkStream, Deadline, Route, RouteHints, TurnCtx};
+    use crate::upstream::breaker::Breaker;
+    use crate::upstream::pool::{Pool, PoolConfig, PoolError};
+    use crate::upstream::{Phase, Probe, Upstream, UpstreamError, UpstreamErrorKind};
+    use crate::wire::{ChatRequest, Completion};
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    /// An instance that answers probes from `up_at` on (boot time), until taken down.
+    struct FakeGpu {
+        name: Arc<str>,
+        up_at: Mutex<Option<Instant>>,
+    }
+
+    impl FakeGpu {
+        fn boot(&self, after: Duration) {
+            *self.up_at.lock().unwrap() = Some(Instant::now() + after);
+        }
+        fn vanish(&self) {
+            *self.up_at.lock().unwrap() = None;
+        }
+        fn err(&self) -> UpstreamError {
+            UpstreamError::new(&self.name, Phase::NotSent, UpstreamErrorKind::Connect)
+        }
+    }
+
+    #[async_trait]
+    impl Upstream for FakeGpu {
+        fn name(&self) -> &Arc<str> {
+            &self.name
+        }
+        async fn complete(
+            &self,
+            _: &ChatRequest,
+            _: &str,
+            _: Deadline,
+        ) -> Result<Completion, UpstreamError> {
+            Err(self.err())
+        }
+        async fn stream(
+            &self,
+            _: &ChatRequest,
+            _: &str,
+            _: Deadline,
+        ) -> Result<ChunkStream, UpstreamError> {
+            Err(self.err())
+        }
+        async fn probe(&self, _: Duration) -> Result<Probe, UpstreamError> {
+            match *self.up_at.lock().unwrap() {
+                Some(t) if Instant::now() >= t => Ok(Probe {
+                    latency: Duration::ZERO,
+                    models: Vec::new(),
+                }),
+                _ => Err(self.err()),
+            }
+        }
+    }
+
+    /// In-memory hook: records when it ran, takes `delay`, fails on demand; a start hook
+    /// boots the fake GPU, a stop hook takes it down.
+    struct FakeHook {
+        gpu: Arc<FakeGpu>,
+        starts: bool,
+        boot: Duration,
+        delay: Duration,
+        fail: AtomicBool,
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl FakeHook {
+        fn calls(&self) -> Vec<Instant> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Hook for FakeHook {
+        async fn run(&self) -> Result<(), HookError> {
+            self.calls.lock().unwrap().push(Instant::now());
+            tokio::time::sleep(self.delay).await;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(HookError::Status(500));
+            }
+            if self.starts {
+                self.gpu.boot(self.boot);
+            } else {
+                self.gpu.vanish();
+            }
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        gpu: Arc<FakeGpu>,
+        start: Arc<FakeHook>,
+        stop: Arc<FakeHook>,
+        pool: Arc<Pool>,
+        bus: EventBus,
+        events: Subscription,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+        t0: Instant,
+    }
+
+    struct Options {
+        boot: Duration,
+        start_delay: Duration,
+        gpu_up: bool,
+        wall: &'static str,
+    }
+
+    impl Default for Options {
+        fn default() -> Self {
+            Options {
+                boot: Duration::from_secs(5),
+                start_delay: Duration::ZERO,
+                gpu_up: false,
+                // A Monday.
+                wall: "2026-03-02T12:00:00Z",
+            }
+        }
+    }
+
+    fn hook(gpu: &Arc<FakeGpu>, starts: bool, o: &Options) -> Arc<FakeHook> {
+        Arc::new(FakeHook {
+            gpu: gpu.clone(),
+            starts,
+            boot: o.boot,
+            delay: if starts {
+                o.start_delay
+            } else {
+                Duration::ZERO
+            },
+            fail: AtomicBool::new(false),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn rig(config: GpuConfig, o: Options) -> Rig {
+        let bus = EventBus::new(1024);
+        let gpu = Arc::new(FakeGpu {
+            name: "t4".into(),
+            up_at: Mutex::new(o.gpu_up.then(Instant::now)),
+        });
+        let breaker = Breaker::new(gpu.name.clone(), Default::default(), bus.clone());
+        let member =
+            crate::upstream::pool::Member::new(gpu.clone(), 1, Default::default(), breaker);
+        let pool_config = PoolConfig {
+            max_attempts: 1,
+            ..PoolConfig::default()
+        };
+        let pool = Arc::new(Pool::new(vec![member], pool_config, Some(7)));
+        let (start, stop) = (hook(&gpu, true, &o), hook(&gpu, false, &o));
+        let schedule = config
+            .schedule
+            .as_ref()
+            .map(|s| Schedule::new(s, "gpu[0].schedule").unwrap());
+        let t0 = Instant::now();
+        let wall0 = DateTime::parse_from_rfc3339(o.wall)
+            .unwrap()
+            .with_timezone(&Utc);
+        let clock: WallClock =
+            Arc::new(move || wall0 + chrono::TimeDelta::from_std(t0.elapsed()).unwrap());
+        let controller = Controller::new(
+            &config,
+            pool.members()[0].clone(),
+            start.clone(),
+            stop.clone(),
+            schedule,
+            bus.clone(),
+        )
+        .with_clock(clock);
+        let events = bus.subscribe();
+        let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
+        controller.spawn(cancel.clone(), &tasks);
+        Rig {
+            gpu,
+            start,
+            stop,
+            pool,
+            bus,
+            events,
+            cancel,
+            tasks,
+            t0,
+        }
+    }
+
+    fn config() -> GpuConfig {
+        GpuConfig::new(
+            "t4",
+            HookConfig::command(&["unused"]),
+            HookConfig::command(&["unused"]),
+        )
+    }
+
+    fn weekdays(from: &str, to: &str, warm: bool) -> Option<ScheduleConfig> {
+        Some(ScheduleConfig {
+            timezone: "UTC".into(),
+            windows: vec![WindowConfig {
+                days: "mon-fri".into(),
+                from: from.into(),
+                to: to.into(),
+            }],
+            warm,
+        })
+    }
+
+    impl Rig {
+        /// The next GPU transition: (from, to, reason, seconds since the rig started).
+        async fn next(&mut self) -> (&'static str, &'static str, &'static str, u64) {
+            let guard = Duration::from_secs(30 * 86_400);
+            loop {
+                let e = tokio::time::timeout(guard, self.events.next())
+                    .await
+                    .expect("no GPU transition within 30 days of paused time")
+                    .expect("bus open");
+                if let TurnEvent::GpuState {
+                    from, to, reason, ..
+                } = *e
+                {
+                    return (from, to, reason, self.secs(Instant::now()));
+                }
+            }
+        }
+
+        /// No GPU transition happens within `d` (paused time).
+        async fn quiet_for(&mut self, d: Duration) {
+            tokio::time::sleep(d).await;
+            while let Some(e) = self.events.try_next() {
+                assert!(
+                    !matches!(*e, TurnEvent::GpuState { .. }),
+                    "unexpected transition: {e:?}"
+                );
+            }
+        }
+
+        fn secs(&self, t: Instant) -> u64 {
+            (t - self.t0).as_secs()
+        }
+
+        fn member(&self) -> &Arc<Member> {
+            &self.pool.members()[0]
+        }
+
+        /// One cloud turn through the pool, as the llm stage makes it.
+        async fn call(&self) -> Result<(), PoolError> {
+            let request: ChatRequest = serde_json::from_value(serde_json::json!({
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]
+            }))
+            .unwrap();
+            let ctx = TurnCtx::new(self.bus.clone());
+            self.pool
+                .complete(
+                    &ctx,
+                    &request,
+                    &RouteHints::default(),
+                    Route::Cloud,
+                    Deadline::after(Duration::from_secs(60)),
+                )
+                .await
+                .map(|_| ())
+        }
+
+        async fn shutdown(self) {
+            self.cancel.cancel();
+            self.tasks.close();
+            tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+                .await
+                .expect("the controller stops on cancellation");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_starts_a_stopped_gpu_and_turns_reach_it_once_ready() {
+        // initially = probe (default), and the GPU is not answering: assumed stopped.
+        let mut r = rig(config(), Options::default());
+        assert!(r.member().is_parked());
+        let e = r.call().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PoolError::Parked {
+                    code: "cloud_starting"
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.cloud_unavailable(), "the local model stands in");
+        assert_eq!(r.next().await, ("stopped", "starting", "demand", 0));
+        // Booting takes 5 s; readiness is polled every 2 s.
+        assert_eq!(r.next().await, ("starting", "ready", "probe_ok", 6));
+        assert!(!r.member().is_parked());
+        assert_eq!(r.start.calls().len(), 1);
+        // Now a candidate again: the call reaches the upstream (whose answer is an error here).
+        let e = r.call().await.unwrap_err();
+        assert!(
+            matches!(&e, PoolError::Failed { last, .. } if last.code() == "upstream_connect"),
+            "{e:?}"
+        );
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_stop_after_exactly_idle_secs_without_a_call() {
+        let mut cfg = config();
+        cfg.initially = Initially::Running;
+        let mut r = rig(
+            cfg,
+            Options {
+                gpu_up: true,
+                ..Options::default()
+            },
+        );
+        assert_eq!(r.next().await, ("stopped", "ready", "initially_running", 0));
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let _ = r.call().await;
+        let called_at = Instant::now();
+        assert_eq!(r.next().await, ("ready", "stopping", "idle", 1200));
+        assert_eq!(
+            r.stop.calls(),
+            vec![called_at + Duration::from_secs(900)],
+            "the stop hook runs idle_secs after the last call, not after Ready"
+        );
+        assert_eq!(r.next().await, ("stopping", "stopped", "stop_ok", 1200));
+        assert!(r.member().is_parked());
+        assert!(r.start.calls().is_empty());
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_start_outside_the_schedule_window() {
+        let mut cfg = config();
+        cfg.initially = Initially::Stopped;
+        cfg.schedule = weekdays("08:00", "20:00", false);
+        // Saturday 10:00 UTC.
+        let mut r = rig(
+            cfg,
+            Options {
+                wall: "2026-03-07T10:00:00Z",
+                ..Options::default()
+            },
+        );
+        let e = r.call().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PoolError::Parked {
+                    code: "cloud_stopped"
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.cloud_unavailable());
+        r.quiet_for(Duration::from_secs(6 * 3600)).await;
+        assert!(
+            r.start.calls().is_empty(),
+            "never started outside the window"
+        );
+        // Monday 08:00 is 46 h after Saturday 10:00; a minute into the window a call starts it.
+        tokio::time::sleep(Duration::from_secs(40 * 3600 + 60)).await;
+        let e = r.call().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PoolError::Parked {
+                    code: "cloud_starting"
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            r.next().await,
+            ("stopped", "starting", "demand", 46 * 3600 + 60)
+        );
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_start_at_the_window_start_and_stop_at_its_end() {
+        let mut cfg = config();
+        cfg.initially = Initially::Stopped;
+        cfg.idle_secs = 86_400;
+        cfg.schedule = weekdays("08:00", "20:00", true);
+        // Monday 07:00 UTC: the window opens in an hour.
+        let mut r = rig(
+            cfg,
+            Options {
+                wall: "2026-03-02T07:00:00Z",
+                boot: Duration::ZERO,
+                ..Options::default()
+            },
+        );
+        assert_eq!(r.next().await, ("stopped", "starting", "warm", 3600));
+        assert_eq!(r.start.calls(), vec![r.t0 + Duration::from_secs(3600)]);
+        assert_eq!(r.next().await, ("starting", "ready", "probe_ok", 3600));
+        assert_eq!(
+            r.next().await,
+            ("ready", "stopping", "schedule", 13 * 3600),
+            "stopped when the window closes at 20:00"
+        );
+        assert_eq!(
+            r.next().await,
+            ("stopping", "stopped", "stop_ok", 13 * 3600)
+        );
+        // Tuesday 08:00: warm again.
+        assert_eq!(r.next().await, ("stopped", "starting", "warm", 25 * 3600));
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn preemption_while_ready_restarts_the_instance() {
+        let mut cfg = config();
+        cfg.initially = Initially::Running;
+        let mut r = rig(
+            cfg,
+            Options {
+                gpu_up: true,
+                boot: Duration::from_secs(30),
+                ..Options::default()
+            },
+        );
+        assert_eq!(r.next().await, ("stopped", "ready", "initially_running", 0));
+        // Between two probes (every 2 s), so the order of wake-ups cannot matter.
+        tokio::time::sleep(Duration::from_secs(101)).await;
+        r.gpu.vanish();
+        // Probes every 2 s: three failures in a row at 102, 104, 106 s.
+        assert_eq!(r.next().await, ("ready", "preempted", "probe_failed", 106));
+        assert_eq!(
+            r.next().await,
+            ("preempted", "starting", "preempt_restart", 106)
+        );
+        assert!(r.member().is_parked());
+        assert_eq!(r.next().await, ("starting", "ready", "probe_ok", 136));
+        assert_eq!(r.start.calls().len(), 1);
+        assert!(r.stop.calls().is_empty(), "we did not stop it");
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_and_one_failed_probe_mean_preempted() {
+        let mut cfg = config();
+        cfg.initially = Initially::Running;
+        let mut r = rig(
+            cfg,
+            Options {
+                gpu_up: true,
+                ..Options::default()
+            },
+        );
+        assert_eq!(r.next().await.1, "ready");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        r.gpu.vanish();
+        // Turns fail against it until its breaker opens (5 in a row by default).
+        for _ in 0..5 {
+            let _ = r.call().await;
+        }
+        assert_eq!(r.member().breaker.state(), BreakerState::Open);
+        // The next probe (at 2 s) fails: no need to wait for two more.
+        assert_eq!(r.next().await, ("ready", "preempted", "breaker_open", 2));
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn preemption_with_on_preempt_wait_starts_again_only_on_demand() {
+        let mut cfg = config();
+        cfg.initially = Initially::Running;
+        cfg.on_preempt = OnPreempt::Wait;
+        let mut r = rig(
+            cfg,
+            Options {
+                gpu_up: true,
+                ..Options::default()
+            },
+        );
+        assert_eq!(r.next().await.1, "ready");
+        r.gpu.vanish();
+        assert_eq!(r.next().await, ("ready", "preempted", "probe_failed", 6));
+        r.quiet_for(Duration::from_secs(3600)).await;
+        assert!(r.start.calls().is_empty());
+        let e = r.call().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PoolError::Parked {
+                    code: "cloud_starting"
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(r.next().await.0, "preempted");
+        assert_eq!(r.start.calls().len(), 1);
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_start_hook_goes_back_to_stopped_with_an_event() {
+        let mut cfg = config();
+        cfg.initially = Initially::Stopped;
+        let mut r = rig(
+            cfg,
+            Options {
+                start_delay: Duration::from_secs(10),
+                ..Options::default()
+            },
+        );
+        r.start.fail.store(true, Ordering::SeqCst);
+        let _ = r.call().await;
+        assert_eq!(r.next().await, ("stopped", "starting", "demand", 0));
+        // More turns want it while the hook runs: they must not retry a failed start at once.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let _ = r.call().await;
+        assert_eq!(r.next().await, ("starting", "stopped", "start_failed", 10));
+        assert!(r.member().is_parked());
+        assert!(r.stop.calls().is_empty());
+        r.quiet_for(Duration::from_secs(3600)).await;
+        assert_eq!(r.start.calls().len(), 1);
+        // A new call tries again.
+        r.start.fail.store(false, Ordering::SeqCst);
+        let _ = r.call().await;
+        assert_eq!(r.next().await.2, "demand");
+        assert_eq!(r.start.calls().len(), 2);
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_timeout_stops_the_instance() {
+        let mut cfg = config();
+        cfg.initially = Initially::Stopped;
+        cfg.ready_timeout_secs = 60;
+        let mut r = rig(
+            cfg,
+            Options {
+                // Never answers within the timeout.
+                boot: Duration::from_secs(3600),
+                ..Options::default()
+            },
+        );
+        let _ = r.call().await;
+        assert_eq!(r.next().await, ("stopped", "starting", "demand", 0));
+        assert_eq!(
+            r.next().await,
+            ("starting", "stopping", "ready_timeout", 60)
+        );
+        assert_eq!(r.next().await, ("stopping", "stopped", "stop_ok", 60));
+        assert_eq!(r.stop.calls(), vec![r.t0 + Duration::from_secs(60)]);
+        assert!(r.member().is_parked());
+        r.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_stop_hook_is_retried() {
+        let mut cfg = config();
+        cfg.initially = Initially::Running;
+        cfg.idle_secs = 60;
+        let mut r = rig(
+            cfg,
+            Options {
+                gpu_up: true,
+                ..Options::default()
+            },
+        );
+        r.stop.fail.store(true, Ordering::SeqCst);
+        assert_eq!(r.next().await.1, "ready");
+        assert_eq!(r.next().await, ("ready", "stopping", "idle", 60));
+        assert_eq!(r.next().await, ("stopping", "stopped", "stop_failed", 60));
+        r.stop.fail.store(false, Ordering::SeqCst);
+        assert_eq!(r.next().await, ("stopped", "stopping", "stop_retry", 120));
+        assert_eq!(r.next().await, ("stopping", "stopped", "stop_ok", 120));
+        assert_eq!(r.stop.calls().len(), 2);
+        r.shutdown().await;
+    }
+
+    #[test]
+    fn gauge_values_follow_the_documented_order() {
+        let values: Vec<f64> = GpuState::ALL.iter().map(|s| s.gauge_value()).collect();
+        assert_eq!(values, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+        for s in GpuState::ALL {
+            assert_eq!(GpuState::from_code(s.as_str()), Some(s));
+        }
+    }
+}
