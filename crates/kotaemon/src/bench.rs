@@ -28,6 +28,8 @@ pub enum Which {
     Cache(crate::bench_cache::Args),
     /// PII guard throughput (mask + restore) on mixed text.
     Pii(crate::bench_pii::Args),
+    /// A day of mixed traffic: cloud tokens, cost and GPU-hours, agent vs all-cloud always-on.
+    Cost(crate::bench_cost::Args),
     /// The meeting-room scenario (tools, Radicale, simulated cloud), stage by stage.
     Scenario(crate::bench_scenario::Args),
     /// Added latency and throughput of the agent vs. the upstream called directly.
@@ -50,6 +52,7 @@ pub async fn run(which: Which) -> anyhow::Result<ExitCode> {
         Which::Embed(args) => crate::bench_local::embed(args).await,
         Which::Cache(args) => crate::bench_cache::run(args).await,
         Which::Scenario(args) => crate::bench_scenario::run(args).await,
+        Which::Cost(args) => crate::bench_cost::run(args).await,
         Which::Pii(args) => {
             tokio::task::spawn_blocking(move || crate::bench_pii::run(args)).await?
         }

@@ -3,6 +3,7 @@
 mod audit_cli;
 mod bench;
 mod bench_cache;
+mod bench_cost;
 mod bench_local;
 mod bench_pii;
 mod bench_scenario;

@@ -111,6 +111,13 @@ pub fn event_json(event: &TurnEvent) -> Value {
             json!({"kind": "turn_finished", "turn": turn.as_str(), "outcome": outcome.label(),
                    "status": status, "code": code, "elapsed_ms": ms(*elapsed), "stream": stream})
         }
+        TurnEvent::JobFinished {
+            job,
+            status,
+            attempts,
+        } => {
+            json!({"kind": "job_finished", "job": job.as_ref(), "status": status, "attempts": attempts})
+        }
         TurnEvent::BudgetThreshold {
             scope,
             period,

@@ -42,6 +42,7 @@ pub const AUDIT_WRITE_FAILURES: &str = "kotaemon_audit_write_failures_total";
 pub const AUTH_REFUSALS: &str = "kotaemon_auth_refusals_total";
 pub const RATE_LIMITED: &str = "kotaemon_rate_limited_total";
 pub const BUDGET_THRESHOLDS: &str = "kotaemon_budget_thresholds_total";
+pub const JOBS_FINISHED: &str = "kotaemon_jobs_finished_total";
 pub const COST: &str = "kotaemon_cloud_cost_microusd_total";
 pub const SAVED: &str = "kotaemon_cloud_cost_saved_microusd_total";
 pub const BUDGET_SPENT: &str = "kotaemon_budget_spent_usd";
@@ -182,6 +183,10 @@ pub fn describe() {
         "API requests refused for their credentials, by reason (missing, invalid, scope)."
     );
     describe_counter!(
+        JOBS_FINISHED,
+        "Queued jobs finished, by status (completed, failed)."
+    );
+    describe_counter!(
         BUDGET_THRESHOLDS,
         "Budget limits crossed, by scope (global or client), period and level (soft, hard)."
     );
@@ -311,6 +316,9 @@ pub fn record(event: &TurnEvent) {
             let mode = if *stream { "stream" } else { "complete" };
             counter!(TURNS, "outcome" => outcome.label(), "mode" => mode).increment(1);
             histogram!(TURN_DURATION, "mode" => mode).record(elapsed.as_secs_f64());
+        }
+        TurnEvent::JobFinished { status, .. } => {
+            counter!(JOBS_FINISHED, "status" => *status).increment(1);
         }
         TurnEvent::BudgetThreshold {
             scope,

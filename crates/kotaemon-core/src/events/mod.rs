@@ -133,6 +133,13 @@ pub enum TurnEvent {
         elapsed: Duration,
         stream: bool,
     },
+    /// A queued job finished: `status` is "completed" or "failed". Plugins (the MQTT bridge,
+    /// webhooks) turn this into a notification; the job id is the receiver's idempotency key.
+    JobFinished {
+        job: Arc<str>,
+        status: &'static str,
+        attempts: u32,
+    },
     /// Cloud spending crossed the soft limit (`hard: false`) or the hard limit of a budget.
     /// `scope` is "global" or a client name from config; `period` "day" or "month".
     BudgetThreshold {
@@ -175,7 +182,8 @@ impl TurnEvent {
             TurnEvent::BreakerChanged { .. }
             | TurnEvent::HealthChanged { .. }
             | TurnEvent::BudgetThreshold { .. }
-            | TurnEvent::GpuState { .. } => None,
+            | TurnEvent::GpuState { .. }
+            | TurnEvent::JobFinished { .. } => None,
         }
     }
 }

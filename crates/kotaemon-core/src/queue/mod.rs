@@ -246,11 +246,23 @@ async fn worker(queue: Arc<JobQueue>, deps: WorkerDeps, stop: CancellationToken)
         };
         let id = job.id.clone();
         waiting = Duration::ZERO;
+        let finished = |status: &'static str| {
+            deps.bus.emit(crate::events::TurnEvent::JobFinished {
+                job: job.id.as_str().into(),
+                status,
+                attempts: job.attempts,
+            })
+        };
         let written = match outcome {
             Ok(result) => {
-                queue
-                    .with_conn(move |c| store::complete(c, &id, &result, now_ms()).map(|_| ()))
-                    .await
+                let stored = queue
+                    .with_conn(move |c| store::complete(c, &id, &result, now_ms()))
+                    .await;
+                // Announced after the result is on disk, and only by the write that stored it.
+                if matches!(stored, Ok(true)) {
+                    finished("completed");
+                }
+                stored.map(|_| ())
             }
             Err(Failure::CloudAway(error)) => {
                 // Not the job's fault: the attempt does not count, the job keeps its place.
@@ -268,9 +280,13 @@ async fn worker(queue: Arc<JobQueue>, deps: WorkerDeps, stop: CancellationToken)
             }
             Err(Failure::Retry(error) | Failure::Fatal(error)) => {
                 tracing::warn!(job = %job.id, attempts = job.attempts, "job failed: {error}");
-                queue
+                let stored = queue
                     .with_conn(move |c| store::fail(c, &id, &error, now_ms()))
-                    .await
+                    .await;
+                if stored.is_ok() {
+                    finished("failed");
+                }
+                stored
             }
         };
         if let Err(e) = written {

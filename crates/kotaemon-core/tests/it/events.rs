@@ -29,6 +29,7 @@ fn name(e: &TurnEvent) -> String {
         TurnEvent::TurnFinished { outcome, .. } => format!("turn_finished({})", outcome.label()),
         TurnEvent::GpuState { to, reason, .. } => format!("gpu({to}:{reason})"),
         TurnEvent::BudgetThreshold { scope, hard, .. } => format!("budget({scope}, hard={hard})"),
+        TurnEvent::JobFinished { status, .. } => format!("job({status})"),
     }
 }
 

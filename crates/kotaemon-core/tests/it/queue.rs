@@ -50,6 +50,7 @@ async fn jobs_are_retried_until_the_cloud_answers_and_complete_once() {
     fake.push(failing());
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start_toml(&toml(&fake, &dir.path().join("queue.db"))).await;
+    let mut events = agent.bus.subscribe();
     let body = json!({"model": "gpt-x", "messages": [{"role": "user", "content": "summarize this week's logs"}]});
     let submit = || {
         send(
@@ -75,6 +76,19 @@ async fn jobs_are_retried_until_the_cloud_answers_and_complete_once() {
         "Weekly summary: all systems nominal."
     );
     assert_eq!(fake.chat_request_count(), 3);
+    // One notification (MQTT bridge and webhooks publish bus events), after the result is stored.
+    let mut finished = Vec::new();
+    while let Some(e) = events.try_next() {
+        if let kotaemon_core::events::TurnEvent::JobFinished {
+            job,
+            status,
+            attempts,
+        } = e.as_ref()
+        {
+            finished.push((job.to_string(), *status, *attempts));
+        }
+    }
+    assert_eq!(finished, vec![(id.clone(), "completed", 3)]);
     let listed = agent.get("/v1/jobs?status=completed").await.json();
     assert_eq!(listed["data"].as_array().unwrap().len(), 1);
     agent.get("/v1/jobs/job-nope").await.assert_error(404);
