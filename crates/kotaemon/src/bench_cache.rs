@@ -272,10 +272,10 @@ fn precision(args: &Args, model: &str, embed: &dyn Embed, pairs: &[Pair]) -> any
 }
 
 /// xorshift64*: reproducible random vectors without a dependency.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

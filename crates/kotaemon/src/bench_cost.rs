@@ -42,16 +42,9 @@ pub struct Args {
     boot_minutes: u32,
 }
 
-/// xorshift64*, as in `bench cache`: reproducible without a dependency.
-struct Rng(u64);
+use crate::bench_cache::Rng;
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }

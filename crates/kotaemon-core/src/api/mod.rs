@@ -300,6 +300,14 @@ async fn chat_completions(
     let turn_id = HeaderValue::from_str(ctx.id.as_str()).ok();
     // One span per turn: every log line of the turn carries its id (also the response header).
     let span = tracing::info_span!("turn", id = %ctx.id, stream);
+    let finished = |outcome: TurnOutcome| {
+        ctx.emit(TurnEvent::TurnFinished {
+            turn: ctx.id.clone(),
+            outcome,
+            elapsed: ctx.started.elapsed(),
+            stream,
+        })
+    };
     let mut response = match state.pipeline.run(turn).instrument(span).await {
         Ok(Reply::Complete(completion)) => {
             let body = serde_json::to_vec(&completion.body).unwrap_or_default();
@@ -307,12 +315,7 @@ async fn chat_completions(
                 turn: ctx.id.clone(),
                 overhead: ctx.started.elapsed().saturating_sub(ctx.upstream_wait()),
             });
-            ctx.emit(TurnEvent::TurnFinished {
-                turn: ctx.id.clone(),
-                outcome: TurnOutcome::Ok,
-                elapsed: ctx.started.elapsed(),
-                stream,
-            });
+            finished(TurnOutcome::Ok);
             drop(slot);
             (
                 [(
@@ -336,12 +339,8 @@ async fn chat_completions(
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
         Err(e) if deferred.is_some() && e.is_cloud_away() => {
-            ctx.emit(TurnEvent::TurnFinished {
-                turn: ctx.id.clone(),
-                outcome: TurnOutcome::Ok,
-                elapsed: ctx.started.elapsed(),
-                stream,
-            });
+            // Accepted as a job: the turn itself ends well.
+            finished(TurnOutcome::Ok);
             drop(slot);
             let request = deferred.unwrap_or_else(|| ChatRequest::utterance("", ""));
             jobs::enqueue(&state, request, &headers, client_name).await
@@ -353,14 +352,9 @@ async fn chat_completions(
             } else {
                 tracing::debug!(turn = %ctx.id, status = api.status.as_u16(), code = api.code, "turn refused");
             }
-            ctx.emit(TurnEvent::TurnFinished {
-                turn: ctx.id.clone(),
-                outcome: TurnOutcome::Failed {
-                    status: api.status.as_u16(),
-                    code: api.code,
-                },
-                elapsed: ctx.started.elapsed(),
-                stream,
+            finished(TurnOutcome::Failed {
+                status: api.status.as_u16(),
+                code: api.code,
             });
             api.into_response()
         }

@@ -40,31 +40,18 @@ impl Agent {
             Some(d) => format!("{toml}\n[audit]\ndir = {:?}\n", d.path()),
             None => toml.to_string(),
         };
-        // …and their usage ledgers.
-        let toml = if toml.contains("[queue]") {
-            toml
-        } else {
-            let dir = audit_tmp
-                .as_ref()
-                .map(|d| d.path().to_path_buf())
-                .unwrap_or_else(std::env::temp_dir);
-            format!(
-                "{toml}\n[queue]\npath = {:?}\n",
-                dir.join(format!("queue-{}.db", uuid_like()))
-            )
-        };
-        let toml = if toml.contains("[usage]") {
-            toml
-        } else {
-            let dir = audit_tmp
-                .as_ref()
-                .map(|d| d.path().to_path_buf())
-                .unwrap_or_else(std::env::temp_dir);
-            format!(
-                "{toml}\n[usage]\npath = {:?}\n",
-                dir.join(format!("usage-{}.db", uuid_like()))
-            )
-        };
+        // …and their usage ledgers and job queues.
+        let scratch = audit_tmp
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut toml = toml;
+        for section in ["queue", "usage"] {
+            if !toml.contains(&format!("[{section}]")) {
+                let db = scratch.join(format!("{section}-{}.db", uuid_like()));
+                toml = format!("{toml}\n[{section}]\npath = {db:?}\n");
+            }
+        }
         let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n---\n{toml}"));
         let audit_dir = config.audit.dir();
         let app = App::build_with_upstreams(config, Vec::new(), Some(7))

@@ -2,7 +2,7 @@
 //! random moments, again and again; after the last restart every acknowledged job has
 //! completed, exactly one job exists per idempotency key, and none was lost.
 
-use super::{bin, config_for};
+use super::{bin, config_for, wait_ready};
 use kotaemon_fake_upstream::{FakeUpstream, Script};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -33,21 +33,6 @@ fn start(cfg: &std::path::Path) -> (Killable, String) {
         .spawn()
         .unwrap();
     (Killable(child), format!("http://127.0.0.1:{port}"))
-}
-
-async fn ready(client: &reqwest::Client, url: &str) {
-    for _ in 0..500 {
-        if client
-            .get(format!("{url}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("agent at {url} never became ready");
 }
 
 /// A small deterministic generator (the seed is printed, so a failure can be replayed).
@@ -110,7 +95,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_job() {
     let cycles = 8;
     for cycle in 0..cycles {
         let (mut agent, url) = start(&cfg);
-        ready(&client, &url).await;
+        wait_ready(&url).await;
         let pid = agent.0.id();
         let after = Duration::from_millis(150 + rng.below(700));
         let killer = tokio::spawn(async move {
@@ -150,7 +135,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_job() {
 
     // The last start: retried keys are answered, and every job finishes.
     let (_agent, url) = start(&cfg);
-    ready(&client, &url).await;
+    wait_ready(&url).await;
     for key in std::mem::take(&mut unanswered) {
         let id = submit(&client, &url, &key)
             .await
