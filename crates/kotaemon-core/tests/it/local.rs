@@ -224,13 +224,22 @@ async fn missing_or_corrupt_model_keeps_the_cloud_path_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spent_cloud_budget_sends_turns_to_the_local_model() {
+    // 20 tokens a window, or a daily spending limit of 20 µUSD at 1 USD per million tokens:
+    // either way the first cloud answer spends it.
+    for budget in [
+        "[budget]\ncloud_tokens_per_window = 20\n",
+        "[budget]\ndaily_usd = 0.00002\n[usage.prices]\n\"*\" = { input = 1.0, output = 1.0 }\n",
+    ] {
+        spent_budget_goes_local(budget).await;
+    }
+}
+
+async fn spent_budget_goes_local(budget: &str) {
     let fake = FakeUpstream::bind_loopback().await.unwrap();
-    // 20 tokens a day: the first cloud answer spends it.
-    let extra =
-        "[stages.router]\nlocal_below_complexity = 0.0\n[budget]\ncloud_tokens_per_window = 20\n";
+    let extra = format!("[stages.router]\nlocal_below_complexity = 0.0\n{budget}");
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[pool.health]\nenabled = false\n[[upstreams]]\nname = \"cloud\"\nbase_url = \"{}\"\n",
-        local_toml(extra),
+        local_toml(&extra),
         fake.base_url()
     );
     let agent = Agent::start_toml(&toml).await;
