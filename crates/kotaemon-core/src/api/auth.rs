@@ -201,33 +201,32 @@ pub async fn require(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let client = presented.and_then(|key| state.clients.identify(key.as_bytes()));
-    let refusal = match (presented, client) {
-        (None, _) => Some(Refusal::Missing),
-        (Some(_), None) => Some(Refusal::Invalid),
-        (Some(_), Some(c)) if !c.scopes.contains(&scope) => Some(Refusal::Scope),
-        _ => None,
+    let checked = match presented.map(|key| state.clients.identify(key.as_bytes())) {
+        None => Err(Refusal::Missing),
+        Some(None) => Err(Refusal::Invalid),
+        Some(Some(c)) if !c.scopes.contains(&scope) => Err(Refusal::Scope),
+        Some(Some(c)) => Ok(c),
     };
-    if let Some(refusal) = refusal {
-        // Owned copies: the body is not Sync, so no reference to the request may cross an await.
-        let (route, peer) = route_and_peer(&request);
-        refuse(&state, route, peer, refusal).await;
-        return match refusal {
-            Refusal::Missing => {
-                ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    let client = match checked {
+        Ok(client) => client,
+        Err(refusal) => {
+            // Owned copies: the body is not Sync, so no reference to the request may cross an await.
+            let (route, peer) = route_and_peer(&request);
+            refuse(&state, route, peer, refusal).await;
+            return match refusal {
+                Refusal::Missing => {
+                    ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+                }
+                Refusal::Invalid => ApiError::unauthorized("invalid API key"),
+                Refusal::Scope => ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "insufficient_scope",
+                    format!("this key lacks the `{}` scope", scope.as_str()),
+                ),
             }
-            Refusal::Invalid => ApiError::unauthorized("invalid API key"),
-            Refusal::Scope => ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "permission_error",
-                "insufficient_scope",
-                format!("this key lacks the `{}` scope", scope.as_str()),
-            ),
+            .into_response();
         }
-        .into_response();
-    }
-    let Some(client) = client else {
-        return ApiError::unauthorized("invalid API key").into_response();
     };
     if let Some(limiter) = &client.limiter {
         if let Err(not_until) = limiter.check() {

@@ -172,14 +172,7 @@ pub async fn list(
                 "query parameters: `status` and `limit` (1-1000)",
             ));
         };
-        let limit = query.limit.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "limit: must be between 1 and 1000",
-            )
-            .with_param("limit"));
-        }
+        let limit = super::list_limit(query.limit)?;
         let queue = queue_of(&state)?;
         let jobs = queue.list(query.status, limit).await.map_err(queue_error)?;
         Ok(serde_json::json!({"object": "list", "data": jobs}))

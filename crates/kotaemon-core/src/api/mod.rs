@@ -492,6 +492,19 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
+/// The `limit` of a listing route: 100 unless given, 1 to 1000.
+pub(crate) fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=1000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(
+            ApiError::bad_request("invalid_query", "limit: must be between 1 and 1000")
+                .with_param("limit"),
+        )
+    }
+}
+
 /// `GET /v1/kotaemon/audit?turn=&limit=`: this agent's newest audit records (admin scope).
 async fn audit_records(
     State(state): State<ApiState>,
@@ -504,12 +517,10 @@ async fn audit_records(
         )
         .into_response();
     };
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return ApiError::bad_request("invalid_query", "limit: must be between 1 and 1000")
-            .with_param("limit")
-            .into_response();
-    }
+    let limit = match list_limit(query.limit) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     let audit = state.bus.audit().clone();
     if !audit.is_enabled() {
         return ApiError::not_found("the audit log is disabled ([audit] enabled = false)")
