@@ -87,6 +87,12 @@ fn print_report(r: &Report) {
         "cloud cost ${:.4}   saved by the device ${:.4}   GPU {:.2} h (${:.2})",
         r.cost_usd, r.saved_usd, r.gpu_hours, r.gpu_cost_usd
     );
+    if let Some(per_million) = r.gpu_usd_per_million_tokens {
+        println!(
+            "GPU upstreams served {} tokens: ${per_million:.2} per million once their hours are counted",
+            r.gpu_tokens
+        );
+    }
     table("by model", &r.by_model, true);
     table("by answer", &r.by_answer, false);
     table("by client", &r.by_client, true);

@@ -259,6 +259,10 @@ pub struct Report {
     pub saved_usd: f64,
     pub gpu_hours: f64,
     pub gpu_cost_usd: f64,
+    /// Tokens the hourly-billed GPU upstreams served, and what a million of them cost once
+    /// the hours are spread over them (idle hours included): a self-hosted model is not free.
+    pub gpu_tokens: u64,
+    pub gpu_usd_per_million_tokens: Option<f64>,
     pub by_model: Vec<Breakdown>,
     pub by_answer: Vec<Breakdown>,
     pub by_client: Vec<Breakdown>,
@@ -328,6 +332,19 @@ pub fn report(path: &Path, column: &str, value: &str) -> rusqlite::Result<Report
             Ok(())
         },
     )?;
+    conn.query_row(
+        &format!(
+            "SELECT COALESCE(SUM(prompt + completion), 0) FROM calls
+             WHERE {column} = ?1 AND upstream IN (SELECT upstream FROM gpu WHERE {column} = ?1)"
+        ),
+        [value],
+        |row| {
+            r.gpu_tokens = row.get::<_, i64>(0)? as u64;
+            Ok(())
+        },
+    )?;
+    r.gpu_usd_per_million_tokens =
+        (r.gpu_tokens > 0).then(|| r.gpu_cost_usd / (r.gpu_tokens as f64 / 1e6));
     r.local_share = if r.turns > 0 {
         r.answered_locally as f64 / r.turns as f64
     } else {
@@ -405,6 +422,23 @@ mod tests {
                 saved_usd: 0.0,
             });
         }
+        // A rented GPU: 2 h at 0.53 for 10k tokens is 106 USD per million, not 0.
+        ledger.record_gpu(GpuRow {
+            upstream: "t4".into(),
+            seconds: 7200.0,
+            cost_usd: 1.06,
+        });
+        ledger.record_call(CallRow {
+            turn: "t8".into(),
+            client: "speaker".into(),
+            upstream: "t4".into(),
+            model: "m".into(),
+            local: false,
+            prompt: 6000,
+            completion: 4000,
+            estimated: false,
+            cost_usd: 0.0,
+        });
         ledger.record_turn(TurnRow {
             turn: "t9".into(),
             origin: "api",
@@ -416,11 +450,15 @@ mod tests {
         ledger.flush().await;
         let today = Local::now().format("%Y-%m-%d").to_string();
         let r = report(&config.db_path(), "day", &today).unwrap();
-        assert_eq!((r.turns, r.answered_locally, r.cloud_calls), (4, 1, 3));
+        assert_eq!((r.turns, r.answered_locally, r.cloud_calls), (4, 1, 4));
         assert_eq!(
             (r.cloud_prompt_tokens, r.cloud_completion_tokens),
-            (3000, 1500)
+            (9000, 5500)
         );
+        assert!((r.gpu_hours - 2.0).abs() < 1e-9);
+        assert_eq!(r.gpu_tokens, 10_000);
+        let per_million = r.gpu_usd_per_million_tokens.unwrap();
+        assert!((per_million - 106.0).abs() < 1e-9, "{per_million}");
         assert_eq!(r.estimated_calls, 1);
         assert!((r.cost_usd - 3.0 * 0.002).abs() < 1e-12, "{}", r.cost_usd);
         assert!((r.local_share - 0.25).abs() < 1e-12);
